@@ -1,0 +1,91 @@
+"""The one dataset interface the evaluator reads: images plus class names, templates, labels, groups, ids, role.
+
+Both the embedded offline data (uint8 arrays) and real datasets on disk (image folders, CIFAR, Waterbirds)
+are exposed as `ImageDataset`s, so every variant is evaluated on exactly the same images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+from PIL import Image
+
+Role = Literal["id", "ood", "shift", "spurious", "noise", "calibration"]
+ROLES: tuple[str, ...] = ("id", "ood", "shift", "spurious", "noise", "calibration")
+
+
+@dataclass(eq=False)
+class ImageDataset:
+    """Base class: subclasses implement `image(i)`; labels are -1 for OOD images.
+
+    class_subset: for datasets covering a subset of the classifier's classes (ImageNet-R/-A), the class
+    indices to keep; logits outside it are masked before softmax (METHODS §5 covariate shift).
+    """
+
+    name: str
+    role: str
+    class_names: tuple[str, ...]
+    templates: tuple[str, ...]
+    labels: np.ndarray
+    ids: np.ndarray
+    groups: np.ndarray | None = None
+    group_names: tuple[str, ...] | None = None
+    class_subset: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role {self.role!r} not in {ROLES}")
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.ids = np.asarray(self.ids)
+        if len(self.ids) != len(self.labels):
+            raise ValueError(f"{self.name}: {len(self.ids)} ids but {len(self.labels)} labels")
+        if self.groups is not None:
+            self.groups = np.asarray(self.groups, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> Image.Image:
+        return self.image(i)
+
+
+@dataclass(eq=False)
+class ArrayImageDataset(ImageDataset):
+    """Images held as a uint8 array [N, H, W] (grey) or [N, H, W, 3] (RGB)."""
+
+    pixels: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pixels is None or len(self.pixels) != len(self.labels):
+            raise ValueError(f"{self.name}: pixels must have one image per label")
+
+    def image(self, i: int) -> Image.Image:
+        arr = self.pixels[i]
+        img = Image.fromarray(arr)
+        return img.convert("RGB")
+
+
+def subset(ds: ImageDataset, idx: Sequence[int] | np.ndarray) -> ImageDataset:
+    """A view of `ds` restricted to positions `idx` (same ids, so per-sample outputs still join)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    return _Subset(
+        name=ds.name, role=ds.role, class_names=ds.class_names, templates=ds.templates,
+        labels=ds.labels[idx], ids=ds.ids[idx],
+        groups=None if ds.groups is None else ds.groups[idx], group_names=ds.group_names,
+        class_subset=ds.class_subset, meta=dict(ds.meta), parent=ds, index=idx,
+    )
+
+
+@dataclass(eq=False)
+class _Subset(ImageDataset):
+    parent: ImageDataset | None = None
+    index: np.ndarray | None = None
+
+    def image(self, i: int) -> Image.Image:
+        return self.parent.image(int(self.index[i]))
