@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import open_clip
+from open_clip.factory import load_state_dict as open_clip_load_state_dict
 import torch
 from torch import nn
 
@@ -78,33 +79,40 @@ def _looks_like_path(pretrained: str) -> bool:
     return pretrained.endswith(CHECKPOINT_SUFFIXES) or os.sep in pretrained or Path(pretrained).exists()
 
 
+def _fit_summary(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str:
+    """Count missing, unexpected and wrongly shaped keys of a raw state_dict against the model."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(getattr(state_dict[k], "shape", ()))]
+    parts = [f"{len(missing)} missing keys (e.g. {missing[0]})"] if missing else []
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if wrong:
+        parts.append(f"{len(wrong)} tensors with the wrong shape (e.g. {wrong[0]})")
+    return ", ".join(parts) or "incompatible tensors"
+
+
 def _load_file(model: nn.Module, path: Path, model_name: str) -> None:
     """Load a local checkpoint strictly; open_clip handles `state_dict`/`module.` wrappers and old formats."""
     if not path.is_file():
         raise UserError(f"checkpoint file {str(path)!r} does not exist")
     try:
-        incompatible = open_clip.load_checkpoint(model, str(path), strict=False)
-    except RuntimeError as exc:
-        text = str(exc)
-        if "size mismatch" in text:
-            n = text.count("size mismatch")
-            first = text.split("size mismatch for ", 1)[1].split(":", 1)[0]
-            raise UserError(
-                f"checkpoint {str(path)!r} does not fit {model_name}: {n} tensors have the wrong shape (first: {first})"
-            ) from None
-        raise UserError(f"could not read checkpoint {str(path)!r}: {text.splitlines()[0] if text else 'RuntimeError'}") from None
+        raw = open_clip_load_state_dict(str(path))
+        if not isinstance(raw, dict) or not raw:
+            raise ValueError("no tensors found")
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserError(f"could not read checkpoint {str(path)!r} ({type(exc).__name__}: {first[:160]}); is it a torch/safetensors file?") from None
+        raise UserError(f"could not read checkpoint {str(path)!r} ({type(exc).__name__}: {first[:160]}); "
+                        "is it a torch/safetensors file?") from None
+    try:
+        incompatible = open_clip.load_checkpoint(model, str(path), strict=False)
+    except Exception:
+        raise UserError(f"checkpoint {str(path)!r} does not fit {model_name}: {_fit_summary(model, raw)}") from None
     missing = list(getattr(incompatible, "missing_keys", []))
     unexpected = list(getattr(incompatible, "unexpected_keys", []))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        raise UserError(f"checkpoint {str(path)!r} does not fit {model_name}: " + ", ".join(parts))
+        raise UserError(f"checkpoint {str(path)!r} does not fit {model_name}: {_fit_summary(model, raw)}")
 
 
 def _create(model_name: str, pretrained_tag: str | None, device: str) -> tuple[nn.Module, Callable]:
