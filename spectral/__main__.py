@@ -1,10 +1,19 @@
-"""`python -m spectral`: list a model's weight views, or measure its spectra (METHODS §4, §8)."""
+"""`python -m spectral`: list a model's weight views, or measure its spectra (METHODS §4, §8).
+
+Writes `spectra.parquet`, `spectra.csv` and `spectra/<variant>.npz` under --out for the unedited model ("fp")
+and each --compare edit spec (applied to a copy of the model on the --layers selection), then prints per
+tower the median stable rank, the median tail gain and the fraction of matrices whose tail gain is below the
+per-row white-noise null.
+"""
 from __future__ import annotations
 
+import copy
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
-from eval.cli import ArgumentParser, add_model_args, check_device, cli_main
+from eval.cli import ArgumentParser, UserError, add_model_args, check_device, cli_main
 from spectral.selector import select
 from spectral.views import total_parameters, weight_views
 
@@ -15,6 +24,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--layers", default=None, help="selector: preset (core, all, vision-only, text-only, attention-only, "
                    "mlp-only, early, late) and/or key=value clauses joined by ';' (tower, kind, block, part, name, scope)")
     p.add_argument("--list", action="store_true", help="print the weight-view table and the selected parameter fraction")
+    p.add_argument("--compare", nargs="+", action="extend", default=[], metavar="SPEC",
+                   help="edit specs from the interventions registry (e.g. int4-g128-mse); each becomes a variant")
+    p.add_argument("--cache-dir", default=None, help="directory for an on-disk SVD cache shared between runs")
+    p.add_argument("--out", default=None, help="results folder (spectra.parquet, spectra.csv, spectra/<variant>.npz)")
+    p.add_argument("--null-draws", type=int, default=4, help="Monte-Carlo draws of the per-row noise null (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise nulls and of stochastic edits (default 0)")
     return p
 
 
@@ -33,17 +48,66 @@ def list_views(model, layers: str | None) -> str:
     return "\n".join(lines)
 
 
+def _check_dir_arg(path: str | None, flag: str) -> None:
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"{flag} {path!r} exists and is not a directory")
+
+
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_device(args.device)
+    if not args.list:
+        if args.out is None:
+            raise UserError("python -m spectral: --out DIR is required (or pass --list)")
+        _check_dir_arg(args.out, "--out")
+        _check_dir_arg(args.cache_dir, "--cache-dir")
+        if args.null_draws < 1:
+            raise UserError(f"--null-draws must be >= 1, got {args.null_draws}")
+    edits = []
+    if args.compare and not args.list:
+        from interventions.registry import parse_edit
+
+        edits = [parse_edit(spec) for spec in args.compare]
+        labels = [str(e) for e in edits]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup or "fp" in labels:
+            raise UserError(f"--compare: variant names must be unique and not 'fp' (got {', '.join(sorted(dup) or ['fp'])})")
     from eval.loading import load_model
 
     loaded = load_model(args.model, args.pretrained, device=args.device)
     if args.list:
         print(list_views(loaded.model, args.layers))
         return 0
-    raise NotImplementedError("spectral analysis: see the spectral issue")
+    select(weight_views(loaded.model), args.layers)  # a selector matching nothing fails here, before any output
+
+    import torch
+    from tqdm import tqdm
+
+    from spectral.report import analyse_model
+    from spectral.svd import SVDCache
+
+    quiet = os.environ.get("TQDM_DISABLE", "") not in ("", "0")
+    variants = {}
+    if edits:
+        from interventions.registry import apply_edit
+
+        for edit in edits:  # edits may still reject the model (UserError): nothing has been written yet
+            edited = copy.deepcopy(loaded.model)
+            with torch.no_grad():
+                report = apply_edit(edited, edit, args.layers, seed=args.seed)
+            print(report.summary(), file=sys.stderr)
+            variants[report.variant] = {v.name: v.get().clone() for v in select(weight_views(edited), args.layers)}
+            del edited
+    cache = SVDCache(args.cache_dir, device=args.device, max_bytes=1 << 30)
+    n_views = len(select(weight_views(loaded.model), args.layers))
+    with tqdm(total=n_views, desc="spectra", unit="matrix", disable=quiet, file=sys.stderr) as bar:
+        result = analyse_model(loaded.model, variants, args.layers, cache=cache, device=args.device,
+                               n_null=args.null_draws, seed=args.seed, progress=bar.update)
+    result.write(args.out)
+    print(f"spectra of {n_views} matrices x {1 + len(variants)} variant(s) -> {args.out}")
+    print(result.summary())
+    return 0
 
 
 if __name__ == "__main__":
