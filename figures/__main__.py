@@ -1,0 +1,100 @@
+"""`python -m figures RESULTS_DIR [RESULTS_DIR …] --out DIR`: every figure the folders support, as PDF + PNG.
+
+Reads stored tables only (METHODS §8), never a model. Everything is validated before anything is written:
+a missing table or column needed by a figure is one line on stderr and exit code 2, with `--out` untouched.
+"""
+from __future__ import annotations
+
+import fnmatch
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from eval.cli import ArgumentParser, UserError, cli_main
+
+from .catalog import FIGURES
+from .io import Results
+from .layout import Job, Options, Skip
+from .style import WIDTHS_IN, save
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m figures", description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="+", metavar="RESULTS_DIR", help="results folder(s) (METHODS §8 layout)")
+    p.add_argument("--out", required=True, help="folder for the figures (created if missing)")
+    p.add_argument("--size", default="single", choices=tuple(WIDTHS_IN),
+                   help="single column (3.3 in wide) or double column (6.9 in)")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated figure families to make (default: all supported): {', '.join(FIGURES)}")
+    p.add_argument("--ood-score", default="auto", choices=("auto", "mcm", "msp", "maxlogit", "energy"),
+                   help="score for the OOD histograms (auto: mcm when the samples store logit_scale, else msp)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated globs limiting the per-variant figures (gains, reliability, ood)")
+    return p
+
+
+def plan(results: Results, opts: Options, only: Sequence[str] | None) -> tuple[list[tuple[str, Job]], list[str]]:
+    """All jobs the folders support, and one 'name: reason' per skipped family (UserError on bad inputs)."""
+    jobs: list[tuple[str, Job]] = []
+    skipped: list[str] = []
+    for name, planner in FIGURES.items():
+        if only is not None and name not in only:
+            continue
+        try:
+            jobs.extend((name, j) for j in planner(results, opts))
+        except Skip as why:
+            if only is not None:  # asked for by name: not having its inputs is an error
+                raise UserError(f"cannot make {name} figures: {why} in {results.label}") from None
+            skipped.append(f"{name}: {why}")
+    return jobs, skipped
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    only = None
+    if args.only is not None:
+        only = [s.strip() for s in args.only.split(",") if s.strip()]
+        unknown = [s for s in only if s not in FIGURES]
+        if unknown or not only:
+            raise UserError(f"unknown figure family {', '.join(unknown) or repr(args.only)}; use {', '.join(FIGURES)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    opts = Options(size=args.size, ood_score=args.ood_score)
+    results = Results(args.results)
+    jobs, skipped = plan(results, opts, only)
+    if args.variants:
+        globs = [g.strip() for g in args.variants.split(",") if g.strip()]
+        jobs = [(n, j) for n, j in jobs if j.variant is None or any(fnmatch.fnmatchcase(j.variant, g) for g in globs)]
+    if not jobs:
+        reasons = "; ".join(skipped) or "no figure matched --variants"
+        raise UserError(f"nothing to plot from {results.label}: {reasons}")
+    from tqdm import tqdm
+
+    written = 0
+    used: set[str] = set()
+    for _name, job in tqdm(jobs, desc="figures", unit="fig", file=sys.stderr, leave=False):
+        try:
+            fig = job.build()
+        except Skip as why:
+            skipped.append(f"{job.stem}: {why}")
+            continue
+        stem = job.stem
+        for i in range(2, len(jobs) + 2):  # two names made file-safe alike must not overwrite each other
+            if stem not in used:
+                break
+            stem = f"{job.stem}-{i}"
+        used.add(stem)
+        paths = save(fig, out, stem)
+        fig.clear()
+        written += 1
+        tqdm.write(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stdout)
+    for line in skipped:
+        print(f"skipped {line}")
+    print(f"{written} figure(s) in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

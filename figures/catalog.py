@@ -1,0 +1,25 @@
+"""The figure families the CLI knows, in output order: name -> planner `jobs(results, opts) -> list[Job]`.
+
+A planner raises `Skip` when the folders do not hold its inputs and `UserError` when they hold them with a
+missing column; it reads only what it needs to decide, and its jobs build the figures later.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from . import dose, forest, gains, ood, overlap, reliability, spectra, sweep
+from .io import Results
+from .layout import Job, Options
+
+Planner = Callable[[Results, Options], list[Job]]
+
+FIGURES: dict[str, Planner] = {
+    "spectra": spectra.jobs,
+    "gains": gains.jobs,
+    "overlap": overlap.jobs,
+    "reliability": reliability.jobs,
+    "ood": ood.jobs,
+    "dose": dose.jobs,
+    "forest": forest.jobs,
+    "sweep": sweep.jobs,
+}
