@@ -1,0 +1,113 @@
+"""Calibration of eval.stats over seeded simulations: CI coverage and the size of the tests under a null.
+
+Band choices (binomial SE of a rate r over k simulations is sqrt(r(1 − r)/k)):
+- coverage over 400 simulations, nominal 95 %: SE = 1.09 pp, so 92–98 % is about ±2.75 SE;
+- permutation size over 1000 simulations, nominal 5 %: SE = 0.69 pp, band 3–7 % is about ±2.9 SE;
+- McNemar size: the test is discrete and conservative, so its exact size is enumerated here from the binomial
+  law of (b, c) and the simulated rate must lie within 3 SE (0.49 pp at 2000 simulations) of it; the exact size
+  itself must lie in 2.5–5.5 %.
+All simulations are seeded, so the tests are deterministic.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats as sps
+
+from eval import stats as S
+
+
+def _paired_correctness(rng: np.random.Generator, n: int, joint: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(fp correct, v correct) from P(11), P(10), P(01), P(00)."""
+    cat = rng.choice(4, size=n, p=joint)
+    return np.isin(cat, (0, 1)).astype(np.float64), np.isin(cat, (0, 2)).astype(np.float64)
+
+
+def test_bootstrap_ci_covers_true_accuracy_difference():
+    rng = np.random.default_rng(2024)
+    joint = (0.60, 0.10, 0.15, 0.15)  # p_fp = 0.70, p_v = 0.75
+    true = (joint[0] + joint[2]) - (joint[0] + joint[1])
+    sims, covered, pvals = 400, 0, []
+    for s in range(sims):
+        fp, v = _paired_correctness(rng, 200, joint)
+        res = S.paired_bootstrap("mean", fp, v, B=1000, seed=s)
+        covered += res.ci_lo <= true <= res.ci_hi
+        pvals.append(res.p)
+    assert 0.92 <= covered / sims <= 0.98, covered / sims
+
+
+def test_stratified_bootstrap_ci_covers_true_auroc_difference():
+    """ID ~ N(1, 1), OOD ~ N(0, 1); the variant adds N(0, τ²) noise: AUROC = Φ(μ / sqrt(2(1 + τ²)))."""
+    rng = np.random.default_rng(7)
+    mu, tau, m = 1.0, 0.8, 150
+    true = sps.norm.cdf(mu / np.sqrt(2 * (1 + tau**2))) - sps.norm.cdf(mu / np.sqrt(2))
+    is_id = np.r_[np.ones(m, bool), np.zeros(m, bool)]
+    sims, covered = 400, 0
+    for s in range(sims):
+        base = rng.standard_normal(2 * m) + mu * is_id
+        noisy = base + tau * rng.standard_normal(2 * m)
+        res = S.paired_bootstrap("auroc", (base, is_id), (noisy, is_id), B=1000, strata=is_id, seed=s)
+        covered += res.ci_lo <= true <= res.ci_hi
+    assert 0.92 <= covered / sims <= 0.98, covered / sims
+
+
+def test_permutation_test_size_under_null():
+    """Exchangeable pairs (same distribution for FP and variant): rejection at α = 0.05 must be ≈ 5 %."""
+    rng = np.random.default_rng(11)
+    sims, rejects = 1000, 0
+    for s in range(sims):
+        shared = rng.exponential(1.0, size=100)
+        fp = shared + rng.exponential(0.5, size=100)
+        v = shared + rng.exponential(0.5, size=100)
+        rejects += S.permutation_test("mean", fp, v, R=999, seed=s).p <= 0.05
+    assert 0.03 <= rejects / sims <= 0.07, rejects / sims
+
+
+def test_permutation_test_has_power_under_alternative():
+    rng = np.random.default_rng(12)
+    shared = rng.standard_normal(300)
+    fp = shared + 0.3 * rng.standard_normal(300)
+    v = shared + 0.3 * rng.standard_normal(300) + 0.15
+    assert S.permutation_test("mean", fp, v, R=2000).p < 0.01
+
+
+def _mcnemar_exact_size(n: int, p_disc: float, alpha: float = 0.05) -> float:
+    """Exact rejection probability of mcnemar_test when b + c ~ Bin(n, p_disc) and b | b + c ~ Bin(b + c, ½)."""
+    size = 0.0
+    for d in range(n + 1):
+        pd_ = sps.binom.pmf(d, n, p_disc)
+        if pd_ < 1e-12:
+            continue
+        for b in range(d + 1):
+            x = np.r_[np.ones(b, bool), np.zeros(d - b, bool)]
+            r = S.mcnemar_test(x, ~x)  # b discordant one way, d − b the other
+            if r.p <= alpha:
+                size += pd_ * sps.binom.pmf(b, d, 0.5)
+    return size
+
+
+def test_mcnemar_size_under_null():
+    n, p_disc = 100, 0.22  # b + c ≈ 22 ± 4: both the exact (< 25) and the χ² branch are exercised
+    expected = _mcnemar_exact_size(n, p_disc)
+    assert 0.025 <= expected <= 0.055, expected
+    rng = np.random.default_rng(5)
+    sims, rejects, exact_used = 2000, 0, 0
+    joint = (0.6, p_disc / 2, p_disc / 2, 0.4 - p_disc)
+    for _ in range(sims):
+        fp, v = _paired_correctness(rng, n, joint)
+        r = S.mcnemar_test(fp, v)
+        rejects += r.p <= 0.05
+        exact_used += r.exact
+    se = np.sqrt(expected * (1 - expected) / sims)
+    assert abs(rejects / sims - expected) <= 3 * se, (rejects / sims, expected)
+    assert 0.2 * sims < exact_used < 0.99 * sims
+
+
+def test_bootstrap_p_size_under_null():
+    """The bootstrap p of METHODS §6 is approximately valid: ≈ 5 % rejections for a true Δ = 0 (band 2.5–8 %)."""
+    rng = np.random.default_rng(13)
+    sims, rejects = 400, 0
+    for s in range(sims):
+        shared = rng.standard_normal(150)
+        res = S.paired_bootstrap("mean", shared + rng.standard_normal(150), shared + rng.standard_normal(150), B=1000, seed=s)
+        rejects += res.p <= 0.05
+    assert 0.025 <= rejects / sims <= 0.08, rejects / sims
