@@ -1,0 +1,151 @@
+"""The control base class and the spec grammar shared by every control (METHODS §3).
+
+Spec grammar: `FAMILY[:ARG[,ARG...]]`, each ARG a bare value/mode or `key=value`. Two keys are common to
+every control that needs the quantized reference: `q=QUANT` (the quantizer that defines Ŵ and E; default
+`int4-g128-mse`, the CLIs' `--match-quant`) and `match=fro|output|stable-rank|none` (the matching criterion
+for the free parameter; default `fro`, the CLIs' `--match`). `str(control)` gives the full spec back with
+the resolved `q`/`match`, so a variant name says exactly what was matched to what.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any, ClassVar, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from eval.cli import UserError
+from interventions.matching import (
+    DEFAULT_MATCH, DEFAULT_QUANT, QuantRef, check_criterion, quantizer, report_reference,
+)
+from interventions.registry import Edit, MatrixContext
+
+
+
+@lru_cache(maxsize=64)
+def cached_quantizer(spec: str) -> Edit:
+    return quantizer(spec)
+
+
+def split_spec(spec: str, family: str, keys: Sequence[str], *, value_modes: bool = False) -> tuple[list[str], dict[str, str]]:
+    """`family[:a,b,k=v]` -> (["a", "b"], {"k": "v"}) with k from `keys`; an unknown key is an error unless the
+    family has `mode=value` arguments (`value_modes`, e.g. `damping:tikhonov=0.1`), which stay positional."""
+    spec = spec.strip()
+    if not spec.startswith(family):
+        raise UserError(f"spec {spec!r} does not start with {family!r}")
+    rest = spec[len(family):]
+    if rest and not rest.startswith(":"):
+        raise UserError(f"unknown edit spec {spec!r}; arguments follow a colon, e.g. {family}:{rest.lstrip(':=,')}")
+    pos: list[str] = []
+    kw: dict[str, str] = {}
+    for arg in filter(None, (a.strip() for a in rest[1:].split(","))):
+        key, eq, val = (x.strip() for x in arg.partition("="))
+        if eq and key in keys:
+            if key in kw:
+                raise UserError(f"key {key!r} given twice in spec {spec!r}")
+            kw[key] = val
+        elif eq and not value_modes:
+            raise UserError(f"unknown key {key!r} in spec {spec!r}; allowed keys: {', '.join(keys)}")
+        else:
+            pos.append(arg)
+    return pos, kw
+
+
+def parse_float(text: str | float | None, what: str, *, lo: float = -math.inf, hi: float = math.inf,
+                lo_open: bool = False, hi_open: bool = False) -> float:
+    """A finite float in the stated interval, or a one-line UserError naming the value and the range."""
+    lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+    allowed = f"a number in {lb}{lo:g}, {hi:g}{rb}"
+    try:
+        v = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be {allowed}, got {text!r}") from None
+    bad = (not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi))
+    if bad:
+        raise UserError(f"{what} must be {allowed}, got {text!r}")
+    return v
+
+
+def parse_int(text: str | int, what: str, *, lo: int = 1) -> int:
+    try:
+        v = int(str(text))
+    except ValueError:
+        raise UserError(f"{what} must be an integer >= {lo}, got {text!r}") from None
+    if v < lo:
+        raise UserError(f"{what} must be an integer >= {lo}, got {text!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Control(Edit):
+    """Base of the control edits: optional quantized reference (`quant`) and matching criterion (`match`).
+
+    Subclasses implement `edit(w, ctx, ref)`, where `ref` lazily gives Ŵ, E and Q's grid, and `args()`.
+    """
+
+    quant: str | None = None  # None: DEFAULT_QUANT (or the CLI's --match-quant)
+    match: str | None = None  # None: DEFAULT_MATCH (or the CLI's --match)
+
+    family: ClassVar[str] = "control"
+    needs_quant: ClassVar[bool] = True  # the edit itself is defined by Ŵ (transplants, c1–c5, clipping, e1, e4)
+
+    def __post_init__(self) -> None:
+        if self.match is not None:
+            check_criterion(self.match)
+        if self.quant is not None:
+            cached_quantizer(self.quant)  # validate now: a bad quantizer spec is a user error before any work
+
+    @property
+    def q_spec(self) -> str:
+        return self.quant or DEFAULT_QUANT
+
+    @property
+    def criterion(self) -> str:
+        return self.match or DEFAULT_MATCH
+
+    def matched(self) -> bool:
+        """Whether the free parameter is solved by matching (False when the user fixed it, or no free parameter)."""
+        return False
+
+    def uses_quant(self) -> bool:
+        return self.needs_quant or self.matched()
+
+    def with_matching(self, quant: str | None, match: str | None) -> "Control":
+        """Fill in the quantizer / criterion the spec left open (explicit spec keys win)."""
+        return replace(self, quant=self.quant or quant, match=self.match or match)
+
+    def args(self) -> list[str]:
+        return []
+
+    def __str__(self) -> str:
+        args = self.args()
+        if self.uses_quant():
+            args.append(f"q={self.q_spec}")
+        if self.matched():
+            args.append(f"match={self.criterion}")
+        return self.family + (":" + ",".join(args) if args else "")
+
+    def params(self) -> dict[str, Any]:
+        return {"args": ",".join(self.args()), "quant": self.q_spec if self.uses_quant() else None,
+                "match": self.criterion if self.matched() else None}
+
+    def __call__(self, w: Float[Tensor, "out in"], ctx: MatrixContext) -> Float[Tensor, "out in"]:
+        ref = QuantRef(cached_quantizer(self.q_spec), w, ctx)
+        out = self.edit(w, ctx, ref)
+        if self.uses_quant() and "match_target" not in ctx.extra:
+            report_reference(self.criterion if self.matched() else "fro", ref, w, out, ctx, self.q_spec)
+        return out.to(torch.float32)
+
+    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Float[Tensor, "out in"]:
+        raise NotImplementedError
+
+
+def reconstruct(u: Float[Tensor, "m r"], s: Float[Tensor, " r"], vh: Float[Tensor, "r n"]) -> Float[Tensor, "m n"]:
+    """U diag(s) Vh in float64, returned as float32; zero singular values are skipped (cheap low rank)."""
+    k = int((s != 0).nonzero().max().item()) + 1 if bool((s != 0).any()) else 0
+    if k == 0:
+        return torch.zeros(u.shape[0], vh.shape[1], dtype=torch.float32, device=u.device)
+    return ((u[:, :k] * s[:k]) @ vh[:k]).to(torch.float32)

@@ -1,0 +1,79 @@
+"""(e2) Rank-matched random projection W·P·Pᵀ with P a Haar n×k frame (METHODS §3 e2): same rank as (a),
+random subspace — a negative control for "keeping the top singular directions is what helps".
+
+Specs: `randproj` (k = the low-rank control's k matched to Q by `match=`), `randproj:0.5` (k = ⌈ρ·r⌉), `randproj:rank=64`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from eval.cli import UserError
+from interventions.controls.base import Control, parse_float, parse_int, split_spec
+from interventions.controls.lowrank import matched_rank, rank_from_fraction
+from interventions.controls.noise import haar_orthonormal
+from interventions.matching import QuantRef
+from interventions.registry import MatrixContext, register_edit
+
+
+def random_projection(w: Float[Tensor, "out in"], p: Float[Tensor, "in k"]) -> Float[Tensor, "out in"]:
+    """W P Pᵀ (float64 math)."""
+    w64 = w.to(torch.float64)
+    p = p.to(device=w.device, dtype=torch.float64)
+    return ((w64 @ p) @ p.T).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class RandomProjection(Control):
+    frac: float | None = None
+    rank: int | None = None
+
+    family: ClassVar[str] = "randproj"
+    needs_quant: ClassVar[bool] = False
+    stochastic: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.frac is not None and self.rank is not None:
+            raise UserError("randproj takes a rank fraction or rank=, not both")
+        if self.frac is not None:
+            parse_float(self.frac, "rank fraction", lo=0.0, hi=1.0, lo_open=True)
+        if self.rank is not None:
+            parse_int(self.rank, "rank")
+        if self.matched() and self.match == "none":
+            raise UserError("randproj with --match none needs a rank fraction (randproj:0.5) or rank=")
+
+    def matched(self) -> bool:
+        return self.frac is None and self.rank is None
+
+    def args(self) -> list[str]:
+        if self.frac is not None:
+            return [f"{self.frac:g}"]
+        return [f"rank={self.rank}"] if self.rank is not None else []
+
+    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Float[Tensor, "out in"]:
+        r = min(w.shape)
+        if self.frac is not None:
+            k = rank_from_fraction(self.frac, r)
+        elif self.rank is not None:
+            k = min(self.rank, r)
+        else:
+            k = int(matched_rank(self.criterion, ctx.svd(w), ref, ctx).value)  # k from (a)
+        ctx.extra.update({"rank": k, "rank_frac": k / r})
+        p = haar_orthonormal(w.shape[1], k, ctx.generator(salt="randproj"))
+        return random_projection(w, p)
+
+
+@register_edit("randproj", ("randproj", "randproj:0.5", "randproj:rank=64"), help="(e2) rank-matched random projection W P Pᵀ")
+def _parse(spec: str) -> RandomProjection:
+    pos, kw = split_spec(spec, "randproj", ("frac", "rank", "q", "match"))
+    if len(pos) > 1:
+        raise UserError(f"randproj takes one rank fraction, got {','.join(pos)!r} in {spec!r}")
+    frac = kw.get("frac", pos[0] if pos else None)
+    return RandomProjection(
+        frac=parse_float(frac, "rank fraction", lo=0.0, hi=1.0, lo_open=True) if frac is not None else None,
+        rank=parse_int(kw["rank"], "rank") if "rank" in kw else None, quant=kw.get("q"), match=kw.get("match"))

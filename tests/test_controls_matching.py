@@ -1,0 +1,172 @@
+"""Matching a control to a quantizer (M1 fro, M2 output, M3 stable rank) and the shared SVD cache (METHODS §3)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eval.cli import UserError
+from interventions.matching import bisect, capture_inputs
+from interventions.registry import MatrixContext, apply_edit, list_edits, parse_edit
+from spectral.selector import select
+from spectral.svd import SVDCache
+from spectral.views import weight_views
+
+QUANT = "int4-ch-mse"
+CONTINUOUS = ("damping:tikhonov", "damping:soft", "damping:tail@0.25", "topdamp", "noise:c1", "noise:c1-uniform",
+              "noise:c1-group,group=32", "noise:c1-rel", "noise:c2", "noise:c3", "noise:c4")
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small matrices: one BLAS thread avoids oversubscription on a shared 2-core machine (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def _with(spec: str, keys: str) -> str:
+    return f"{spec}{',' if ':' in spec else ':'}{keys}"
+
+
+def _quant_deltas(model, quant: str = QUANT) -> dict[str, float]:
+    m = copy.deepcopy(model)
+    return {r["matrix"]: r["delta"] for r in apply_edit(m, quant, "core").rows}
+
+
+def test_m1_achieved_delta_equals_the_quantizers(tiny_clip):
+    target = _quant_deltas(tiny_clip.model)
+    cache = SVDCache()
+    for spec in CONTINUOUS:
+        m = copy.deepcopy(tiny_clip.model)
+        rows = apply_edit(m, _with(spec, f"q={QUANT},match=fro"), "core", cache=cache).rows
+        assert {r["matrix"] for r in rows} == set(target)
+        for r in rows:
+            assert r["match_reached"], (spec, r["matrix"])
+            assert abs(r["delta"] - target[r["matrix"]]) / target[r["matrix"]] <= 1e-3, (spec, r["matrix"])
+            assert r["match_rel_err"] <= 1e-3
+
+
+def test_m1_lowrank_is_the_smallest_rank_within_the_quantizer_error(tiny_clip):
+    target = _quant_deltas(tiny_clip.model)
+    m = copy.deepcopy(tiny_clip.model)
+    views = {v.name: v.get().clone() for v in weight_views(m)}
+    rows = apply_edit(m, f"lowrank:q={QUANT}", "core", cache=SVDCache()).rows
+    for r in rows:
+        s = torch.linalg.svdvals(views[r["matrix"]].double())
+        k, norm = r["rank"], s.norm().item()
+        tail = lambda j: s[j:].norm().item() / norm  # noqa: E731  δ of W_j
+        assert r["match_discrete"] and tail(k) <= target[r["matrix"]] * (1 + 1e-9)
+        assert k == 1 or tail(k - 1) > target[r["matrix"]]
+        assert r["delta"] == pytest.approx(tail(k), rel=1e-4)
+
+
+@pytest.fixture()
+def calib(tiny_clip):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    tokens = tiny_clip.tokenizer(["a photo of a shirt.", "a photo of a shoe.", "a bag"])
+    views = select(weight_views(tiny_clip.model), "core")
+    return capture_inputs(tiny_clip.model, views, images, tokens, max_rows=256)
+
+
+def test_captured_inputs_reproduce_each_layers_output(tiny_clip, calib):
+    # X @ Wᵀ + b for mlp.fc must equal the hooked module's own output on the same pass
+    blk = tiny_clip.model.visual.transformer.resblocks[1]
+    x = calib["visual.blocks.1.mlp.fc"]
+    assert x.shape == (8 * 17, 64)
+    outs = []
+    h = blk.mlp.c_fc.register_forward_hook(lambda mod, a, o: outs.append(o))
+    tiny_clip.model.encode_image(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    h.remove()
+    assert torch.allclose(x @ blk.mlp.c_fc.weight.T + blk.mlp.c_fc.bias, outs[0].reshape(-1, 256), atol=1e-5)
+    assert calib["text.blocks.0.attn.q"].shape[0] < 3 * 16  # text padding dropped
+
+
+def test_m2_output_matching_hits_the_quantizers_output_distortion(tiny_clip, calib):
+    cache = SVDCache()
+    q = parse_edit(QUANT)
+    for spec in ("damping:tikhonov", "damping:soft", "topdamp", "noise:c1", "noise:c2"):
+        m = copy.deepcopy(tiny_clip.model)
+        views = select(weight_views(m), "core")
+        before = {v.name: v.get().clone() for v in views}
+        ctxs = {v.name: MatrixContext(v.name, v, cache=cache, calib_inputs=calib[v.name]) for v in views}
+        rows = apply_edit(m, _with(spec, f"q={QUANT},match=output"), "core", cache=cache, contexts=ctxs).rows
+        for r, v in zip(rows, views):
+            w0, x = before[v.name].double().numpy(), calib[v.name].double().numpy()
+            target = np.linalg.norm((q.quantize(before[v.name])[0].double().numpy() - w0) @ x.T)
+            achieved = np.linalg.norm((v.get().double().numpy() - w0) @ x.T)
+            assert abs(achieved - target) / target <= 1e-3, (spec, v.name, achieved, target)
+
+
+def test_m3_stable_rank_matching(tiny_clip):
+    m = copy.deepcopy(tiny_clip.model)
+    views = select(weight_views(m), "name=visual.blocks.0.*")
+    before = {v.name: v.get().clone() for v in views}
+    rows = apply_edit(m, "lowrank:q=int3-ch,match=stable-rank", "name=visual.blocks.0.*", cache=SVDCache()).rows
+    sr = lambda w: (torch.linalg.svdvals(w.double()) ** 2).sum().item() / torch.linalg.svdvals(w.double())[0].item() ** 2  # noqa: E731
+    for r, v in zip(rows, views):
+        target = sr(parse_edit("int3-ch").quantize(before[v.name])[0])
+        s = torch.linalg.svdvals(before[v.name].double())
+        sr_k = lambda k: (s[:k] ** 2).sum().item() / s[0].item() ** 2  # noqa: E731
+        assert r["match_target"] == pytest.approx(target, rel=1e-9)
+        if r["match_reached"]:
+            assert sr_k(r["rank"]) >= target and (r["rank"] == 1 or sr_k(r["rank"] - 1) < target)
+        else:  # quantization raised the stable rank above W's own: no truncation can match it, and it says so
+            assert r["rank"] == s.numel() and sr_k(s.numel()) < target
+    w = before["visual.blocks.0.mlp.fc"]
+    ctx = MatrixContext("m", cache=SVDCache())
+    out = parse_edit("noise:c1,q=int3-ch,match=stable-rank")(w, ctx)
+    assert ctx.extra["match_reached"] and sr(out) == pytest.approx(ctx.extra["match_target"], rel=1e-3)
+
+
+def test_unreachable_target_is_reported_not_hidden():
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    ctx = MatrixContext("m", cache=SVDCache())
+    parse_edit("damping:tail@0.97,q=int2-ch")(w, ctx)  # one tail direction cannot carry 2-bit error
+    assert ctx.extra["match_reached"] is False and ctx.extra["match_value"] == 0.0 and ctx.extra["match_rel_err"] > 0.1
+
+
+def test_one_svd_per_matrix_however_many_controls_and_strengths(tiny_clip):
+    cache = SVDCache()
+    specs = [f"lowrank:{f}" for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+    specs += ["lowrank", "damping:gains", "damping:residual", "damping:tikhonov", "damping:soft=0.1", "damping:tail", "topdamp"]
+    n = None
+    for spec in specs:
+        rows = apply_edit(copy.deepcopy(tiny_clip.model), spec, "core", cache=cache).rows
+        n = len(rows)
+    assert cache.misses == n
+    assert cache.hits == (len(specs) - 1) * n
+
+
+def test_bisect_solves_monotone_functions_and_flags_unreachable_targets():
+    t, ok = bisect(lambda x: x**3, 0.125, 0.0, 1.0)
+    assert ok and t == pytest.approx(0.5, rel=1e-8)
+    t, ok = bisect(lambda x: -x, -0.25, 0.0, 1.0)
+    assert ok and t == pytest.approx(0.25, rel=1e-8)
+    t, ok = bisect(lambda x: x, 2.0, 0.0, 1.0)
+    assert not ok and t == 1.0
+
+
+def test_bad_specs_and_criteria_are_one_line_user_errors():
+    for spec in ("lowrank:0", "lowrank:1.5", "lowrank:-1", "lowrank:nan", "lowrank:abc", "lowrank:0.5,rank=3",
+                 "lowrankx", "damping", "damping:foo", "damping:gains=0.3", "damping:tail=2", "noise:c9",
+                 "noise:c1,group=8", "lowrank:match=l1", "damping:tikhonov,q=int9-ch", "rotquant:foo", "clip:3",
+                 "lowrank:match=none", "randproj:0", "topdamp:1.5", "noise:c5,q=nf4"):
+        with pytest.raises(UserError) as info:
+            parse_edit(spec)
+        assert "\n" not in str(info.value), spec
+
+
+def test_every_example_spec_round_trips():
+    for prefix, examples in list_edits().items():
+        for spec in examples:
+            e = parse_edit(spec)
+            assert str(parse_edit(str(e))) == str(e), (spec, str(e))
+    assert str(parse_edit("damping:tail=0.5@0.5")) == "damping:tail=0.5@0.5"
+    assert str(parse_edit("lowrank")) == "lowrank:q=int4-g128-mse,match=fro"
+    assert math.isclose(parse_edit("lowrank:0.25").frac, 0.25)
