@@ -140,8 +140,8 @@ def resolve_edit(spec: str, args: Namespace) -> Any:
     return e
 
 
-def _calibration(datasets: Sequence[Any], loaded: Any, n: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """Preprocessed calibration-role images and tokenized class prompts, for M2 inputs and e5."""
+def _calibration(datasets: Sequence[Any], loaded: Any, n: int) -> tuple[torch.Tensor, torch.Tensor, Any, list[Any]]:
+    """Preprocessed calibration-role images, tokenized class prompts, the dataset and the image ids (M2, e5, W·A·)."""
     cal = next((d for d in datasets if d.role == "calibration"), None)
     if cal is None:
         raise UserError("this needs a calibration-role dataset (--match output, temperature); add one to --datasets "
@@ -151,7 +151,7 @@ def _calibration(datasets: Sequence[Any], loaded: Any, n: int) -> tuple[torch.Te
     templates = list(cal.templates) or ["a photo of a {}."]
     prompts = [t.format(c) for c in cal.class_names for t in templates[:1]]
     tokens = loaded.tokenizer(prompts)
-    return images, tokens, cal
+    return images, tokens, cal, [cal.ids[i] for i in idx]
 
 
 def _view_progress(desc: str) -> Callable[[Any], Any]:
@@ -187,6 +187,9 @@ def run(args: Namespace, specs: Sequence[str], command: str, argv: Sequence[str]
     parse_selector(args.layers)
     edits = [resolve_edit(s, args) for s in specs]
     variants = variants_of(edits, seeds)
+    act = getattr(args, "act", None)
+    for v in variants if act else ():
+        v.name = f"{v.name}+{act}"
     datasets = load_datasets(args.datasets)
     loaded = load_model(args.model, args.pretrained, device=device)
     views = select(weight_views(loaded.model), args.layers)
@@ -199,7 +202,7 @@ def run(args: Namespace, specs: Sequence[str], command: str, argv: Sequence[str]
     needs_temp = any(type(e).__name__ == "TemperatureMatch" for e in edits)
     contexts: dict[str, MatrixContext] | None = None
     calib = None
-    if needs_output or needs_temp:
+    if needs_output or needs_temp or act:
         calib = _calibration(datasets, loaded, CALIB_IMAGES)
     if needs_output:
         assert calib is not None
@@ -233,9 +236,11 @@ def run(args: Namespace, specs: Sequence[str], command: str, argv: Sequence[str]
                                 progress=_view_progress(var.name), contexts=ctxs)
             _print_report(report)
             rows += report.rows
+        if act:
+            _quantize_activations(model, act, args.layers, calib, datasets, device)
         if want_spectra:
             edited[var.name] = {v.name: v.get().clone() for v in select(weight_views(model), args.layers)}
-        evaluator.run(var.name, model)
+        evaluator.run(var.name, model, reuse=not act)  # fake-quant activations: never reuse cached features
         del model
     names = ["fp"] + [v.name for v in variants] + [n for n in evaluator.variants if n not in {v.name for v in variants} | {"fp"}]
     print()
@@ -260,6 +265,18 @@ def run(args: Namespace, specs: Sequence[str], command: str, argv: Sequence[str]
         print(f"\nwrote {out}/: metrics.csv, metrics.parquet, reliability.csv, samples/, edits.csv, config.json"
               + (", spectra.parquet, spectra/" if want_spectra else ""))
     return 0
+
+
+def _quantize_activations(model: nn.Module, act: str, layers: str | None, calib: Any, datasets: Sequence[Any],
+                          device: str) -> None:
+    """W·A·: calibrate per-tensor activation ranges on the calibration split (never test images), then enable."""
+    from interventions.actquant import quantize_activations
+
+    images, tokens, _, ids = calib
+    test_ids = [i for d in datasets if d.role != "calibration" for i in d.ids]
+    handle = quantize_activations(model, act, layers, images=images.to(device), texts=tokens.to(device),
+                                  image_ids=ids, test_ids=test_ids)
+    print("  " + handle.summary())
 
 
 def _temperature(var: Variant, model: nn.Module, loaded: Any, views: Sequence[Any], args: Namespace, evaluator: Any,

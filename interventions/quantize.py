@@ -1,7 +1,9 @@
 """`python -m interventions.quantize --spec SPEC`: a weight quantizer (METHODS §2) against full precision.
 
 `--spec` takes quantizer specs (`int4-g128-mse` default, `int8-ch`, `nf4`, `fp4`, `fp8-e4m3`, …); several give
-several variants in one run (one full-precision evaluation).
+several variants in one run (one full-precision evaluation). `--act a8` adds the seed paper's activation
+fake-quant (W8A8 / W6A8 / W4A8: symmetric per-tensor on the inputs of the quantized maps, ranges calibrated on
+the calibration split only); `--spec W8A8` is shorthand for `--spec int8-ch --act a8`.
 """
 from __future__ import annotations
 
@@ -9,15 +11,25 @@ import sys
 from argparse import Namespace
 
 from eval.cli import ArgumentParser, UserError, cli_main
+from interventions.actquant import SEED_SETTINGS, parse_act_spec
 from interventions.cli import main_for
 from interventions.matching import DEFAULT_QUANT, quantizer
 
 
 def _build(p: ArgumentParser) -> None:
-    p.add_argument("--spec", nargs="+", default=[DEFAULT_QUANT], help=f"quantizer spec(s); default {DEFAULT_QUANT}")
+    p.add_argument("--spec", nargs="+", default=[DEFAULT_QUANT],
+                   help=f"quantizer spec(s); default {DEFAULT_QUANT}; or a seed setting: {', '.join(SEED_SETTINGS)}")
+    p.add_argument("--act", default=None, help="activation fake-quant on the quantized maps' inputs: a8, a6, a4 (+ -ema)")
 
 
 def _specs(args: Namespace) -> list[str]:
+    seed = [s for s in args.spec if s in SEED_SETTINGS]
+    if seed:
+        if len(args.spec) > 1 or args.act is not None:
+            raise UserError(f"{seed[0]} stands alone: it sets both --spec and --act")
+        args.spec, args.act = [SEED_SETTINGS[seed[0]][0]], SEED_SETTINGS[seed[0]][1]
+    if args.act is not None:
+        parse_act_spec(args.act)
     for s in args.spec:
         quantizer(s)  # a control spec here is a user error
     if args.match_quant is not None:

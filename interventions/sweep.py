@@ -263,7 +263,7 @@ class Session:
         key = ("calib_inputs", p.dataset or "embedded")
         if key not in self.cache:
             ev = self.evaluator(p.dataset or "embedded")
-            images, tokens, _ = _calibration(ev.datasets, self.loaded, CALIB_IMAGES)
+            images, tokens, _, _ = _calibration(ev.datasets, self.loaded, CALIB_IMAGES)
             views = select(weight_views(self.loaded.model), self.grid.layers)
             self.cache[key] = capture_inputs(self.loaded.model, views, images.to(self.grid.device), tokens.to(self.grid.device))
         x = self.cache[key]
