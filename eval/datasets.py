@@ -6,6 +6,7 @@ are exposed as `ImageDataset`s, so every variant is evaluated on exactly the sam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
@@ -89,3 +90,13 @@ class _Subset(ImageDataset):
 
     def image(self, i: int) -> Image.Image:
         return self.parent.image(int(self.index[i]))
+
+
+def image_keys(ds: ImageDataset) -> list[str]:
+    """A machine-wide identity per image, for disjointness checks across datasets: the absolute file path where the
+    dataset reads files, else its ids qualified by the data root/split (ids alone repeat across image folders)."""
+    paths = getattr(ds, "paths", None)
+    if paths:
+        return [str(Path(p).resolve()) for p in paths]
+    prefix = "|".join(str(ds.meta[k]) for k in ("root", "split") if k in ds.meta)
+    return [f"{prefix}|{i}" if prefix else str(i) for i in ds.ids]

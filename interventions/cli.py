@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from eval.cli import ArgumentParser, UserError, add_model_args, check_device
+from eval.datasets import image_keys
 from interventions.matching import CRITERIA, DEFAULT_QUANT, capture_inputs, match_summary, quantizer
 from interventions.registry import EditReport, MatrixContext, apply_edit, parse_edit
 from spectral.selector import PRESETS, parse_selector, select
@@ -141,7 +142,7 @@ def resolve_edit(spec: str, args: Namespace) -> Any:
 
 
 def _calibration(datasets: Sequence[Any], loaded: Any, n: int) -> tuple[torch.Tensor, torch.Tensor, Any, list[Any]]:
-    """Preprocessed calibration-role images, tokenized class prompts, the dataset and the image ids (M2, e5, W·A·)."""
+    """Preprocessed calibration-role images, tokenized class prompts, the dataset and the image keys (M2, e5, W·A·)."""
     cal = next((d for d in datasets if d.role == "calibration"), None)
     if cal is None:
         raise UserError("this needs a calibration-role dataset (--match output, temperature); add one to --datasets "
@@ -151,7 +152,8 @@ def _calibration(datasets: Sequence[Any], loaded: Any, n: int) -> tuple[torch.Te
     templates = list(cal.templates) or ["a photo of a {}."]
     prompts = [t.format(c) for c in cal.class_names for t in templates[:1]]
     tokens = loaded.tokenizer(prompts)
-    return images, tokens, cal, [cal.ids[i] for i in idx]
+    keys = image_keys(cal)
+    return images, tokens, cal, [keys[i] for i in idx]
 
 
 def _view_progress(desc: str) -> Callable[[Any], Any]:
@@ -204,6 +206,12 @@ def run(args: Namespace, specs: Sequence[str], command: str, argv: Sequence[str]
     calib = None
     if needs_output or needs_temp or act:
         calib = _calibration(datasets, loaded, CALIB_IMAGES)
+    if act:
+        assert calib is not None
+        leaked = set(calib[3]) & {k for d in datasets if d.role != "calibration" for k in image_keys(d)}
+        if leaked:
+            raise UserError(f"{len(leaked)} calibration images are test images (e.g. {sorted(leaked)[0]}); "
+                            "activation ranges must come from a disjoint calibration split")
     if needs_output:
         assert calib is not None
         x = capture_inputs(loaded.model, views, calib[0].to(device), calib[1].to(device))
@@ -273,7 +281,7 @@ def _quantize_activations(model: nn.Module, act: str, layers: str | None, calib:
     from interventions.actquant import quantize_activations
 
     images, tokens, _, ids = calib
-    test_ids = [i for d in datasets if d.role != "calibration" for i in d.ids]
+    test_ids = [k for d in datasets if d.role != "calibration" for k in image_keys(d)]
     handle = quantize_activations(model, act, layers, images=images.to(device), texts=tokens.to(device),
                                   image_ids=ids, test_ids=test_ids)
     print("  " + handle.summary())

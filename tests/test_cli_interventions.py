@@ -115,6 +115,20 @@ def test_temperature_and_quantize(tiny_config_path, folders, tmp_path, capsys):
     out2 = tmp_path / "q"
     assert quant_main(["--spec", "int8-ch", "--spectra", "off", *_common(tiny_config_path, folders, out2)]) == 0
     assert set(pd.read_csv(out2 / "edits.csv")["variant"]) == {"int8-ch"}
+    # the seed paper's W8A8: same weights as int8-ch, plus activation fake-quant calibrated on the calibration split
+    capsys.readouterr()
+    out3 = tmp_path / "w8a8"
+    assert quant_main(["--spec", "W8A8", "--spectra", "off", *_common(tiny_config_path, folders, out3)]) == 0
+    assert "activation fake-quant a8" in capsys.readouterr().out
+    assert set(pd.read_csv(out3 / "edits.csv")["variant"]) == {"int8-ch+a8"}
+    w8 = np.load(out2 / "samples" / "int8-ch" / "toyid.npz")["logits"]
+    w8a8 = np.load(out3 / "samples" / "int8-ch+a8" / "toyid.npz")["logits"]
+    assert not np.array_equal(w8, w8a8) and np.allclose(w8, w8a8, atol=0.05 * np.abs(w8).max())
+    # calibrating on the test images themselves is refused (same files, whatever the dataset names)
+    toyid = folders["datasets"].split(",")[0].split("=", 1)[1]
+    leaky = f"imagefolder:toyid={toyid},imagefolder:leak={toyid}?role=calibration"
+    argv = ["--spec", "W8A8", "--model", tiny_config_path, "--datasets", leaky, "--out", str(tmp_path / "leak")]
+    assert quant_main(argv) == 2 and not (tmp_path / "leak").exists()
 
 
 BAD = [
