@@ -225,6 +225,11 @@ class Evaluator:
     def outputs(self, variant: str) -> dict[str, SampleOutputs]:
         return self._outputs[variant]
 
+    def forget(self, variant: str) -> None:
+        """Drop a variant's outputs and metrics (a results store that keeps them itself stops memory growing)."""
+        self._outputs.pop(variant, None)
+        self._per_variant.pop(variant, None)
+
     @torch.no_grad()
     def run(self, variant: str, model: nn.Module, *, reuse: bool = True) -> dict[str, SampleOutputs]:
         """Per-sample outputs of `model` on every dataset (key `dataset` or `dataset@severity`).

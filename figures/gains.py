@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
 from .io import Results
-from .layout import TOWER_ORDER, Job, Options, Skip
+from .layout import TOWER_ORDER, Job, Options, Skip, edited_spectra
 from .spectra import KIND_ORDER
 from .style import house_style, new_figure, safe_name, tag
 
@@ -103,11 +103,7 @@ def gains_figure(df: pd.DataFrame, variant: str, family: str = "other", size: st
 def jobs(results: Results, opts: Options) -> list[Job]:
     """One heatmap per edited variant in spectra.parquet/csv."""
     size = opts.size
-    if not results.has("spectra"):
-        raise Skip("no spectra.parquet or spectra.csv")
-    spectra = results.table("spectra")
-    if (spectra["variant"] == "fp").all():
-        raise Skip("the spectra table holds only fp (no edited variants)")
+    spectra = edited_spectra(results)
     spectra = results.require("spectra", NEEDED, "the gain-profile heatmap")
     data = gains_data(spectra)
     if data.empty:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -12,6 +12,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .style import family_color, family_marker, family_rank
+
+if TYPE_CHECKING:
+    from .io import Results
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,16 @@ PROPORTIONS: frozenset[str] = frozenset({
     "top1", "top5", "ece", "ece_mass", "mce", "rmsce", "cw_ece", "aurc", "eaurc", "risk@80", "risk@90", "ece_ts",
     "auroc", "fpr95", "aupr_in", "aupr_out", "wga", "avg_acc", "gap",
 })
+
+
+def edited_spectra(results: "Results") -> pd.DataFrame:
+    """The spectra table when it holds at least one edited variant; otherwise Skip (figures of edits only)."""
+    if not results.has("spectra"):
+        raise Skip("no spectra.parquet or spectra.csv")
+    spectra = results.table("spectra")
+    if (spectra["variant"] == "fp").all():
+        raise Skip("the spectra table holds only fp (no edited variants)")
+    return spectra
 
 
 def metric_label(metric: str, score: object = None, diff: bool = False) -> str:

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .io import Results
-from .layout import Job, Options, Skip, bottom_legend, grid, nothing_below, tower_order, variant_order
+from .layout import Job, Options, Skip, bottom_legend, edited_spectra, grid, nothing_below, tower_order, variant_order
 from .style import house_style, new_figure, variant_styles
 
 OVERLAP_COLUMN = re.compile(r"^overlap_(?P<side>[uv])_(?P<k>k\d+|\d*\.?\d+r)$")
@@ -92,11 +92,7 @@ def overlap_figure(df: pd.DataFrame, families: dict[str, str], size: str = "sing
 def jobs(results: Results, opts: Options) -> list[Job]:
     """One figure with every edited variant's overlap curves."""
     size = opts.size
-    if not results.has("spectra"):
-        raise Skip("no spectra.parquet or spectra.csv")
-    spectra = results.table("spectra")
-    if (spectra["variant"] == "fp").all():
-        raise Skip("the spectra table holds only fp (no edited variants)")
+    spectra = edited_spectra(results)
     if not any(OVERLAP_COLUMN.match(c) for c in spectra.columns):
         cols = ", ".join(sorted(set(spectra["_file"])))
         raise UserError(f"{cols} lacks column(s) overlap_u_k8 (or any overlap_[uv]_<k>) needed for the overlap figure")

@@ -390,8 +390,7 @@ def reliability_experiment(p: Point, session: Session) -> RunResult:
     ev = session.evaluator(p.dataset or "embedded")
     name = _safe(p.variant)
     outs = ev.run(name, model)
-    for attr in ("_outputs", "_per_variant"):  # the store keeps the outputs; the evaluator's copy would grow per run
-        getattr(ev, attr, {}).pop(name, None)
+    ev.forget(name)  # the store keeps the outputs; the evaluator's copy would grow per run
     metrics = variant_metrics(p.variant, outs)
     arrays = {f"samples/{name}/{key}": o.to_arrays() for key, o in outs.items()}
     return RunResult(tables={"metrics": metrics, **_edit_tables(p, session, model, report)}, arrays=arrays)
