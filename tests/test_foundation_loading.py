@@ -114,3 +114,14 @@ def test_cli_list_prints_table_and_fraction(tiny_config_path):
     assert res.returncode == 0, res.stderr
     assert "visual.blocks.0.attn.q" in res.stdout
     assert "12 of 28 matrices selected" in res.stdout.splitlines()[-1]
+
+
+def test_cli_bad_checkpoint_files_one_line_exit_2(tmp_path, tiny_config_path):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00garbage")
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"visual.proj": torch.zeros(3, 3)}, wrong)
+    for path, needle in ((corrupt, "could not read checkpoint"), (wrong, "does not fit")):
+        res = _cli("--model", tiny_config_path, "--pretrained", str(path))
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and needle in lines[0], res.stderr
