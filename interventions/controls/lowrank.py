@@ -134,11 +134,12 @@ def _parse(spec: str) -> LowRank:
 
 
 def lowrank_reconstruct(w: Float[Tensor, "out in"], f: SVDFactors, k: int) -> Float[Tensor, "out in"]:
-    """W_k from cached factors: U_k Σ_k V_kᵀ, or W − (the discarded tail) when k > r/2 (cheaper; exact for k = r)."""
+    """W_k from cached float64 factors: U_k Σ_k V_kᵀ, or W − (the discarded tail) when k > r/2 (cheaper; exact for
+    k = r). The product is formed in float32, the precision every edit is written in (METHODS preamble)."""
     r = f.S.numel()
-    if k <= r - k:
-        return reconstruct(f.U[:, :k], f.S[:k], f.Vh[:k])
     if k >= r:
         return w.to(torch.float32).clone()
-    tail = (f.U[:, k:] * f.S[k:]) @ f.Vh[k:]
-    return (w.to(torch.float64) - tail.to(w.device)).to(torch.float32)
+    part = slice(0, k) if k <= r - k else slice(k, r)
+    us = (f.U[:, part] * f.S[part]).to(torch.float32)
+    prod = us @ f.Vh[part].to(torch.float32)
+    return prod if k <= r - k else w.to(torch.float32) - prod.to(w.device)
