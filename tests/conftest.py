@@ -44,5 +44,11 @@ def embedded_clip():
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seeded, and one BLAS thread: small matrices gain nothing from two, and oversubscribed LAPACK on a shared
+    2-core machine ran ~20x slower. The thread count is restored after each test."""
     torch.manual_seed(0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

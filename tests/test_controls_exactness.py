@@ -15,15 +15,6 @@ from interventions.registry import MatrixContext, apply_edit, parse_edit
 from spectral.svd import SVDCache
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matrices: one BLAS thread avoids oversubscription on a shared 2-core machine (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def _w(m: int = 48, n: int = 128, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(m, n, generator=g) / n**0.5

@@ -20,15 +20,6 @@ CONTINUOUS = ("damping:tikhonov", "damping:soft", "damping:tail@0.25", "topdamp"
               "noise:c1-group,group=32", "noise:c1-rel", "noise:c2", "noise:c3", "noise:c4")
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matrices: one BLAS thread avoids oversubscription on a shared 2-core machine (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def _with(spec: str, keys: str) -> str:
     return f"{spec}{',' if ':' in spec else ':'}{keys}"
 

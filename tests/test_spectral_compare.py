@@ -13,14 +13,6 @@ from spectral.nulls import matrix_generator, mp_edges, per_row_noise
 from spectral.svd import SVDCache
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 threads on 2 shared, busy cores is ~20x slower than 1 thread; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _w(m: int = 60, n: int = 90, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

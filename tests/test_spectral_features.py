@@ -11,14 +11,6 @@ from sklearn.decomposition import PCA
 from spectral.features import feature_sqnr_by_rank
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 threads on 2 shared, busy cores is ~20x slower than 1 thread; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _features(n: int = 400, d: int = 24, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

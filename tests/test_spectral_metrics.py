@@ -13,14 +13,6 @@ from spectral.powerlaw import bootstrap_alpha, fit_esd, fit_powerlaw
 from spectral.svd import SVDCache
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 threads on 2 shared, busy cores is ~20x slower than 1 thread; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _haar(n: int, k: int, seed: int) -> torch.Tensor:
     q, r = torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))

@@ -12,14 +12,6 @@ from spectral.nulls import ks_distance, matrix_generator, mp_edges, per_row_nois
 from spectral.svd import SVDCache
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 threads on 2 shared, busy cores is ~20x slower than 1 thread; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("dist", ["gaussian", "uniform"])
 def test_mp_edges_of_iid_noise(dist):

@@ -24,14 +24,6 @@ from spectral.report import analyse_matrices, analyse_model
 from spectral.svd import SVDCache
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 threads on 2 shared, busy cores is ~20x slower than 1 thread; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def minilm():

@@ -16,14 +16,6 @@ from spectral.report import COLUMNS, FP, analyse_matrices, analyse_model, tower_
 from spectral.svd import SVDCache
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 threads on 2 shared, busy cores is ~20x slower than 1 thread; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 CONTRACT = (
     "variant matrix tower kind block m n r fro spec stable_rank effective_rank nrank_eps nrank_1e-3 nrank_1e-2 "
     "energy_top1 energy_top5 energy_top10 energy_top25 energy_top50 alpha lambda_min n_tail ks_d"

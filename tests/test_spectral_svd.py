@@ -12,14 +12,6 @@ from spectral.svd import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 threads on 2 shared, busy cores is ~20x slower than 1 thread; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _rand(m: int, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(m, n, generator=torch.Generator().manual_seed(seed))
