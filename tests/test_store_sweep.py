@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from interventions import store as store_mod
 from interventions.store import Shard
@@ -45,7 +46,9 @@ def _sweep_cmd(grid: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    """The subprocess sweeps with the test process's BLAS thread count, so float32 sums add up in the same order
+    and the tables can be compared byte for byte with the in-process reference."""
+    return {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 def _done(out: Path) -> int:
