@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from eval.cli import ArgumentParser, UserError, add_model_args, check_device, cli_main
+from eval.cli import ArgumentParser, UserError, add_model_args, check_device, check_out, cli_main
 from eval.noise import DEFAULT_SEVERITIES
 from eval.zeroshot import TEMPLATE_SETS
 
@@ -74,9 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.noise_subset < 0 or args.workers < 0:
         raise UserError("--noise-subset and --workers must be >= 0")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} exists and is not a folder")
+    out = check_out(args.out)
 
     from eval.dataset_specs import load_datasets
     from eval.evaluator import Evaluator

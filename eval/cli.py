@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 EXIT_USAGE = 2
@@ -45,6 +46,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", default=None,
                         help="hub tag (e.g. openai, laion2b_s34b_b79k; needs network or a warm cache) or a local checkpoint file")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+
+
+def check_out(out: str | None) -> Path | None:
+    """Validate an --out value before anything is written: it may be new or a folder, never a file."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {str(out)!r} exists and is not a folder")
+    return path
 
 
 def check_device(device: str) -> str:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import fnmatch
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from eval.cli import ArgumentParser, UserError, cli_main
+from eval.cli import ArgumentParser, UserError, check_out, cli_main
 
 from .catalog import FIGURES
 from .io import Results
@@ -58,9 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown = [s for s in only if s not in FIGURES]
         if unknown or not only:
             raise UserError(f"unknown figure family {', '.join(unknown) or repr(args.only)}; use {', '.join(FIGURES)}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+    out = check_out(args.out)
     opts = Options(size=args.size, ood_score=args.ood_score)
     results = Results(args.results)
     jobs, skipped = plan(results, opts, only)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from eval import stats as S
-from eval.cli import ArgumentParser, UserError, add_model_args, check_device, cli_main
+from eval.cli import ArgumentParser, UserError, add_model_args, check_device, check_out, cli_main
 from interventions.store import ResultsStore, Shard, code_version, write_atomic, write_table
 from interventions.sweep import ALL_CONTROLS, MATCH_CRITERIA, Grid, Point, Session, control_spec, plan, run_sweep
 
@@ -539,9 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # ---- validate everything before anything is written
     shard = Shard.parse(args.shard)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} exists and is not a folder")
+    out = check_out(args.out)
     if args.match not in MATCH_CRITERIA:
         raise UserError(f"unknown matching criterion {args.match!r}; allowed: {', '.join(MATCH_CRITERIA)}")
     B = S.HEADLINE_B if args.headline else args.B

@@ -17,14 +17,13 @@ import sys
 from argparse import Namespace
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 
-from eval.cli import ArgumentParser, UserError, add_model_args, check_device
+from eval.cli import ArgumentParser, UserError, add_model_args, check_device, check_out
 from eval.datasets import image_keys
 from interventions.matching import CRITERIA, DEFAULT_QUANT, capture_inputs, match_summary, quantizer
 from interventions.registry import EditReport, MatrixContext, apply_edit, parse_edit
@@ -91,15 +90,6 @@ def _severities(text: str | None) -> tuple[float, ...] | None:
     from eval.__main__ import _severities as parse
 
     return parse(text)
-
-
-def _check_out(out: str | None) -> Path | None:
-    if out is None:
-        return None
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {out!r} exists and is not a folder")
-    return path
 
 
 @dataclass
@@ -177,7 +167,7 @@ def run(args: Namespace, specs: Sequence[str], command: str, argv: Sequence[str]
 
     # ---- validate everything before any file is written
     device = check_device(args.device)
-    out = _check_out(args.out)
+    out = check_out(args.out)
     seeds = parse_seeds(args.seeds)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")

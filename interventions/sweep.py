@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from eval.cli import ArgumentParser, UserError, add_model_args, check_device, cli_main
+from eval.cli import ArgumentParser, UserError, add_model_args, check_device, check_out, cli_main
 from interventions.store import ResultsStore, RunResult, Shard, code_version, run_key, set_code_version
 
 CONTROL_NONE = "none"
@@ -516,9 +516,7 @@ def grid_from_args(args: Any) -> Grid:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     shard = Shard.parse(args.shard)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} exists and is not a folder")
+    out = check_out(args.out)
     if args.code_version is not None:
         set_code_version(args.code_version)
     grid = grid_from_args(args)
