@@ -1,4 +1,4 @@
-"""User-facing errors, the one-line-error CLI guard (exit code 2), and the options every CLI shares."""
+"""The one-line-error CLI guard (exit code 2) and the options every CLI shares (errors: `eval.errors`)."""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2, no traceback."""
+from eval.errors import EXIT_USAGE, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):

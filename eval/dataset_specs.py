@@ -16,8 +16,8 @@ from typing import Callable
 import numpy as np
 
 from eval import adapters
-from eval.cli import UserError
 from eval.datasets import ROLES, ImageDataset, subset
+from eval.errors import UserError
 
 LIMIT_SEED = 0
 OPTIONS = ("role", "split", "limit")

@@ -21,13 +21,14 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from eval.cli import UserError
+from eval.atomic import write_frame
 from eval.datasets import ImageDataset
+from eval.errors import UserError
 from eval.metrics.calibration import N_BINS
 from eval.metrics.table import FP_VARIANT, combine, noise_errors, variant_metrics, variant_reliability
 from eval.noise import DEFAULT_SEVERITIES, add_noise
 from eval.preprocess import SplitPreprocess, array_source, split_preprocess
-from eval.report import write_metrics, write_table
+from eval.report import write_metrics
 from eval.samples import SampleOutputs, save_samples, severity_key
 from eval.zeroshot import logit_scale_of, resolve_templates, template_strings, tower_hash, zero_shot_weights
 
@@ -226,9 +227,10 @@ class Evaluator:
         return self._outputs[variant]
 
     def forget(self, variant: str) -> None:
-        """Drop a variant's outputs and metrics (a results store that keeps them itself stops memory growing)."""
-        self._outputs.pop(variant, None)
-        self._per_variant.pop(variant, None)
+        """Release everything held for a variant (outputs, metrics, reliability data, noise errors), so a results
+        store that keeps them itself stops memory growing over a long sweep."""
+        for held in (self._outputs, self._per_variant, self._reliability, self._noise_errs):
+            held.pop(variant, None)
 
     @torch.no_grad()
     def run(self, variant: str, model: nn.Module, *, reuse: bool = True) -> dict[str, SampleOutputs]:
@@ -289,7 +291,7 @@ class Evaluator:
     def write(self, out_dir: Path) -> None:
         """metrics.csv/.parquet and reliability.csv for everything run so far (samples are written by `run`)."""
         write_metrics(self.metrics(), out_dir)
-        write_table(self.reliability(), Path(out_dir) / "reliability.csv")
+        write_frame(self.reliability(), out_dir, "reliability", formats=("csv",))
 
     def describe(self) -> dict[str, Any]:
         """The evaluation protocol, for config.json."""

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import open_clip
-from open_clip.factory import load_state_dict as open_clip_load_state_dict
 import torch
+from open_clip.factory import load_state_dict as open_clip_load_state_dict
 from torch import nn
 
 from eval.embedded import EMBEDDED_CHECKPOINT, EMBEDDED_CONFIG, EMBEDDED_NAME
-from eval.cli import UserError
+from eval.errors import UserError
 from eval.hashing import named_tensors_hash
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")

@@ -2,14 +2,13 @@
 (rows = headline metrics, columns = variants, plus Δ against `fp`)."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
+
+from eval.atomic import write_frame
 
 FP_VARIANT = "fp"
 
@@ -25,33 +24,9 @@ HEADLINE: tuple[tuple[str, str, str | None], ...] = (
 )
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) then os.replace onto `path`, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_metrics(metrics: pd.DataFrame, out_dir: Path) -> None:
     """metrics.csv and metrics.parquet (METHODS §8), each written atomically."""
-    out_dir = Path(out_dir)
-    atomic_write(out_dir / "metrics.csv", lambda p: metrics.to_csv(p, index=False))
-    atomic_write(out_dir / "metrics.parquet", lambda p: metrics.to_parquet(p, index=False))
-
-
-def write_table(table: pd.DataFrame, path: Path) -> None:
-    atomic_write(Path(path), lambda p: table.to_csv(p, index=False))
-
-
-def write_json(obj: object, path: Path) -> None:
-    atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    write_frame(metrics, out_dir, "metrics")
 
 
 def read_metrics(out_dir: Path) -> pd.DataFrame:

@@ -6,13 +6,13 @@ MCM logits when MCM uses its own template set).
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from jaxtyping import Float, Int, Shaped
+
+from eval.atomic import atomic_write
 
 SAMPLES_DIR = "samples"
 
@@ -104,16 +104,13 @@ def sample_path(out_dir: Path, variant: str, key: str) -> Path:
 def save_samples(out: SampleOutputs, out_dir: Path, variant: str) -> Path:
     """Write one npz atomically (temp file in the same folder, then os.replace)."""
     path = sample_path(out_dir, variant, out.key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **out.to_arrays())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda p: _savez(p, out.to_arrays()))
     return path
+
+
+def _savez(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as fh:  # a file handle: np.savez would append ".npz" to a temp name
+        np.savez(fh, **arrays)
 
 
 def load_sample_file(path: Path) -> SampleOutputs:

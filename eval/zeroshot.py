@@ -11,7 +11,7 @@ from jaxtyping import Float
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 from torch import Tensor, nn
 
-from eval.cli import UserError
+from eval.errors import UserError
 
 TEXT_BATCH = 1024
 

@@ -9,7 +9,8 @@ import fnmatch
 import sys
 from typing import Sequence
 
-from eval.cli import ArgumentParser, UserError, check_out, cli_main
+from eval.cli import ArgumentParser, check_out, cli_main
+from eval.errors import UserError
 
 from .catalog import FIGURES
 from .io import Results

@@ -7,8 +7,21 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .io import Results
-from .layout import (Job, Options, Skip, family_handles, family_order, grid_with_spare, headline_panels, legend,
-                     log_ticks, metric_factor, metric_label, nothing_below, select_metric)
+from .layout import (
+    Job,
+    Options,
+    Skip,
+    family_handles,
+    family_order,
+    grid_with_spare,
+    headline_panels,
+    legend,
+    log_ticks,
+    metric_factor,
+    metric_label,
+    nothing_below,
+    select_metric,
+)
 from .style import family_color, family_marker, house_style, new_figure, safe_name, tag
 
 DODGE_DEX = 0.02  # horizontal offset between families at the same δ, in decades (points stay readable)

@@ -11,8 +11,19 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from .io import Results
-from .layout import (Job, Options, Skip, bottom_legend, family_handles, family_order, grid, headline_panels,
-                     metric_factor, metric_label, select_metric)
+from .layout import (
+    Job,
+    Options,
+    Skip,
+    bottom_legend,
+    family_handles,
+    family_order,
+    grid,
+    headline_panels,
+    metric_factor,
+    metric_label,
+    select_metric,
+)
 from .style import family_color, family_marker, family_rank, house_style, new_figure, safe_name, tag
 
 NEEDED = ("dataset", "metric", "score", "variant", "family", "quant", "diff", "ci_lo", "ci_hi")

@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from eval.cli import UserError
+from eval.errors import UserError
 
 from .style import canonical_family
 

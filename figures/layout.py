@@ -25,7 +25,7 @@ class Options:
     ood_score: str = "auto"
 
     def __post_init__(self) -> None:
-        from eval.cli import UserError
+        from eval.errors import UserError
 
         from .style import WIDTHS_IN
 

@@ -1,31 +1,23 @@
 """OOD score histograms: the ID set's scores against each OOD set's, per variant, from stored logits, with
-AUROC (ID = positive) in each panel. Scores are eval.metrics.ood's (METHODS §5: MCM, MSP, max-logit, energy)."""
+AUROC (ID = positive) in each panel. Scores and AUROC are eval.metrics.ood's (METHODS §5: MCM, MSP, max-logit,
+energy), so the panel's AUROC is the one in metrics.csv."""
 from __future__ import annotations
 
 import numpy as np
-from jaxtyping import Float
 import pandas as pd
+from jaxtyping import Float
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from scipy.stats import rankdata
 
-from eval.cli import UserError
-from eval.metrics.ood import ood_scores
+from eval.errors import UserError
+from eval.metrics.ood import SCORES, auroc, ood_scores
 
 from .io import Results, SampleFile
 from .layout import Job, Options, Skip, bottom_legend, grid, nothing_below
-from .style import house_style, new_figure, safe_name, tag, family_color
+from .style import family_color, house_style, new_figure, safe_name, tag
 
-SCORES = ("mcm", "msp", "maxlogit", "energy")
 SCORE_LABELS = {"mcm": "MCM score", "msp": "max softmax prob.", "maxlogit": "max logit", "energy": "energy score"}
 N_HIST_BINS = 30
-
-
-def auroc(id_scores: Float[np.ndarray, " a"], ood_scores: Float[np.ndarray, " b"]) -> float:
-    """AUROC with ID as the positive class, via the Mann–Whitney rank statistic (ties count ½)."""
-    ranks = rankdata(np.concatenate([id_scores, ood_scores]))
-    n1, n0 = id_scores.size, ood_scores.size
-    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def sample_scores(arrays: dict[str, np.ndarray], score: str, path: object = "samples") -> Float[np.ndarray, " n"]:

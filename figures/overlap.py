@@ -6,9 +6,10 @@ import re
 
 import numpy as np
 import pandas as pd
-from eval.cli import UserError
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from eval.errors import UserError
 
 from .io import Results
 from .layout import Job, Options, Skip, bottom_legend, edited_spectra, grid, nothing_below, tower_order, variant_order

@@ -1,49 +1,41 @@
 """Reliability diagrams, full precision against one variant, from stored per-sample logits: 15 equal-width
-bins of the top-label confidence of softmax(logits) in float64, ECE = Σ_b (n_b/N)|acc_b − conf_b| (METHODS §5)."""
+bins of the top-label confidence of softmax(logits) in float64, ECE = Σ_b (n_b/N)|acc_b − conf_b| (METHODS §5).
+Confidences, correctness, bins and ECE are eval.metrics' (bins [lo, hi), last closed), so the diagram's ECE is
+the ECE in metrics.csv."""
 from __future__ import annotations
 
 import numpy as np
-from jaxtyping import Float, Int
 import pandas as pd
+from jaxtyping import Float, Int
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from eval.metrics import calibration as cal
+from eval.metrics.classification import confidences, correctness
 
 from .io import Results, SampleFile
 from .layout import Job, Options, Skip, bottom_legend, variant_order
 from .style import house_style, new_figure, safe_name, variant_styles
 
-N_BINS = 15
-
-
-def softmax(logits: Float[np.ndarray, "n k"]) -> Float[np.ndarray, "n k"]:
-    """Row softmax in float64 (max-shifted, so large logit scales do not overflow)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+N_BINS = cal.N_BINS
 
 
 def reliability_bins(logits: Float[np.ndarray, "n k"], labels: Int[np.ndarray, " n"], n_bins: int = N_BINS
                      ) -> pd.DataFrame:
-    """Per bin (lo, hi]: mean confidence, accuracy and count; bin 0 also takes confidence 0, the last takes 1."""
+    """Per bin [lo, hi) (the last closed; `eval.metrics.calibration.ece_bin_index`): mean confidence, accuracy,
+    count, over the labelled samples (label ≥ 0)."""
     keep = labels >= 0
-    p = softmax(logits[keep])
-    conf, correct = p.max(axis=1), (p.argmax(axis=1) == labels[keep]).astype(np.float64)
-    idx = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = np.bincount(idx, conf, minlength=n_bins) / count
-        acc = np.bincount(idx, correct, minlength=n_bins) / count
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return pd.DataFrame({"bin": np.arange(n_bins), "lo": edges[:-1], "hi": edges[1:], "confidence": mean_conf,
-                         "accuracy": acc, "count": count.astype(np.int64)})
+    z = logits[keep]
+    b = cal.reliability_bins(confidences(z), correctness(z, labels[keep]), n_bins)
+    return pd.DataFrame({"bin": np.arange(n_bins), "lo": b.lo, "hi": b.hi, "confidence": b.confidence,
+                         "accuracy": b.accuracy, "count": b.count.astype(np.int64)})
 
 
 def ece_from_bins(bins: pd.DataFrame) -> float:
-    """Expected calibration error (L1) from reliability_bins output."""
-    n = bins["count"].sum()
-    used = bins["count"] > 0
-    return float((bins.loc[used, "count"] / n * (bins.loc[used, "accuracy"] - bins.loc[used, "confidence"]).abs()).sum())
+    """Expected calibration error (L1) from reliability_bins output (`BinStats.ece`)."""
+    return cal.BinStats(lo=bins["lo"].to_numpy(), hi=bins["hi"].to_numpy(), count=bins["count"].to_numpy(),
+                        confidence=bins["confidence"].to_numpy(dtype=np.float64),
+                        accuracy=bins["accuracy"].to_numpy(dtype=np.float64)).ece
 
 
 def reliability_data(samples: dict[str, tuple[np.ndarray, np.ndarray]], families: dict[str, str],

@@ -6,15 +6,15 @@ gets its own marker so no figure relies on colour alone.
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import matplotlib
 from matplotlib.figure import Figure
+
+from eval.atomic import write_bytes
 
 # Family order is also the legend / drawing order everywhere.
 FAMILIES: tuple[str, ...] = (
@@ -144,7 +144,7 @@ def tag(family: str, variant: str) -> str:
 def figsize(size: str, height_in: float) -> tuple[float, float]:
     """(width, height) in inches for a column size; height rounded to 0.01 in so pixels = inches × DPI exactly."""
     if size not in WIDTHS_IN:
-        from eval.cli import UserError
+        from eval.errors import UserError
 
         raise UserError(f"unknown figure size {size!r}; use one of {', '.join(WIDTHS_IN)}")
     return WIDTHS_IN[size], round(height_in, 2)
@@ -175,16 +175,6 @@ def safe_name(text: str) -> str:
     return _SAFE.sub("-", text).strip("-") or "x"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def render(fig: Figure, fmt: str) -> bytes:
@@ -208,6 +198,6 @@ def save(fig: Figure, out_dir: Path, stem: str, formats: tuple[str, ...] = ("pdf
     paths = []
     for fmt in formats:
         path = out_dir / f"{stem}.{fmt}"
-        _atomic_write(path, render(fig, fmt))
+        write_bytes(path, render(fig, fmt))
         paths.append(path)
     return paths

@@ -8,8 +8,19 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .io import Results
-from .layout import (Job, Options, Skip, family_order, grid_with_spare, headline_panels, legend, metric_label,
-                     metric_factor, nothing_below, select_metric)
+from .layout import (
+    Job,
+    Options,
+    Skip,
+    family_order,
+    grid_with_spare,
+    headline_panels,
+    legend,
+    metric_factor,
+    metric_label,
+    nothing_below,
+    select_metric,
+)
 from .style import family_color, family_marker, house_style, new_figure, safe_name, tag
 
 PARAM = "p_rank_frac"

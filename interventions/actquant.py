@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from eval.cli import UserError
+from eval.errors import UserError
 from spectral.selector import Selector, select
 from spectral.views import WeightView, weight_views
 
@@ -36,7 +36,9 @@ OBSERVERS = ("minmax", "ema")
 ACT_BITS = (2, 3, 4, 5, 6, 7, 8)
 STEP_MIN = 1e-12
 # The seed paper's settings: weight spec (per output channel) + activation spec.
-SEED_SETTINGS: dict[str, tuple[str, str]] = {"W8A8": ("int8-ch", "a8"), "W6A8": ("int6-ch", "a8"), "W4A8": ("int4-ch", "a8")}
+SEED_SETTINGS: dict[str, tuple[str, str]] = {
+    "W8A8": ("int8-ch", "a8"), "W6A8": ("int6-ch", "a8"), "W4A8": ("int4-ch", "a8"),
+}
 _SPEC_RE = re.compile(r"a(?P<bits>\d+)(?:-(?P<obs>ema|minmax))?")
 
 
@@ -57,7 +59,8 @@ class ActQuantConfig:
             raise UserError(f"EMA momentum must be in (0, 1], got {self.momentum!r}")
 
     def __str__(self) -> str:
-        return f"a{self.bits}" + ("-ema" if self.observer == "ema" else "") + ("" if self.momentum == 0.1 else f"-m{self.momentum:g}")
+        ema = "-ema" if self.observer == "ema" else ""
+        return f"a{self.bits}" + ema + ("" if self.momentum == 0.1 else f"-m{self.momentum:g}")
 
     @property
     def qmax(self) -> int:
@@ -68,7 +71,8 @@ def parse_act_spec(spec: str) -> ActQuantConfig:
     """`a8` (min-max) or `a8-ema` (EMA, momentum 0.1) -> config; a bad spec is a one-line UserError."""
     m = _SPEC_RE.fullmatch(spec.strip())
     if not m:
-        raise UserError(f"bad activation spec {spec!r}; grammar: a<2-8>[-ema] (e.g. a8, a8-ema); settings: {', '.join(SEED_SETTINGS)}")
+        raise UserError(f"bad activation spec {spec!r}; grammar: a<2-8>[-ema] (e.g. a8, a8-ema); "
+                        f"settings: {', '.join(SEED_SETTINGS)}")
     return ActQuantConfig(bits=int(m["bits"]), observer=m["obs"] or "minmax")
 
 
@@ -154,13 +158,17 @@ def _swap_parameter(module: nn.Module, name: str, site: Site) -> Callable[[], No
 
 # --------------------------------------------------------------------------------- multi-head attention
 def _attention_mask(
-    attn_mask: Tensor | None, key_padding_mask: Tensor | None, n: int, heads: int, l_q: int, l_k: int, dtype: torch.dtype
+    attn_mask: Tensor | None, key_padding_mask: Tensor | None, n: int, heads: int, l_q: int, l_k: int,
+    dtype: torch.dtype,
 ) -> Tensor | None:
-    """nn.MultiheadAttention's masks (bool: True = blocked; float: added) as one additive float mask [n, heads, L, S]."""
+    """nn.MultiheadAttention's masks (bool: True = blocked; float: added) as one additive float mask
+    [n, heads, L, S]."""
     mask = None
 
     def additive(m: Tensor) -> Tensor:
-        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(dtype)
+        if m.dtype != torch.bool:
+            return m.to(dtype)
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
 
     if attn_mask is not None:
         m = additive(attn_mask)
@@ -185,7 +193,8 @@ def _mha_forward(
     """nn.MultiheadAttention.forward with the in-/out-projection inputs passed through their sites."""
     sites: dict[str, Any] = self._aq_sites
     # which input each projection reads (self-attention: one tensor, observed and quantized once)
-    source = {"q": "q", "k": "q" if key is query else "k", "v": "q" if value is query else ("k" if value is key else "v")}
+    source = {"q": "q", "k": "q" if key is query else "k",
+              "v": "q" if value is query else ("k" if value is key else "v")}
     unbatched = query.dim() == 2
     if unbatched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -209,7 +218,8 @@ def _mha_forward(
     q, k, v = (t.reshape(t.shape[0], n * h, hd).transpose(0, 1).reshape(n, h, t.shape[0], hd) for t in inputs)
     mask = _attention_mask(attn_mask, key_padding_mask, n, h, l_q, l_k, q.dtype)
     dropout = self.dropout if self.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal and mask is None)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                         is_causal=is_causal and mask is None)
     out = out.permute(2, 0, 1, 3).reshape(l_q, n, e)
     site_out = sites.get("out")
     out = F.linear(site_out(out) if site_out is not None else out, self.out_proj.weight, self.out_proj.bias)
@@ -226,7 +236,8 @@ def _mha_forward(
 
 def _patch_mha(mha: nn.MultiheadAttention, sites: dict[str, Any]) -> Callable[[], None]:
     if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-        raise UserError("activation fake-quant supports nn.MultiheadAttention with packed in_proj_weight, no bias_k/v, no add_zero_attn")
+        raise UserError("activation fake-quant supports nn.MultiheadAttention with packed in_proj_weight, "
+                        "no bias_k/v, no add_zero_attn")
     had_own = "forward" in mha.__dict__
     previous = mha.__dict__.get("forward")
     mha._aq_sites = sites
@@ -280,7 +291,8 @@ class ActQuantHandle:
         if missing:
             raise UserError(
                 f"no calibrated activation range for {len(missing)} input(s) (e.g. {missing[0]}); "
-                "calibrate with inputs that reach them (images for the visual tower, tokenized prompts for the text tower)"
+                "calibrate with inputs that reach them (images for the visual tower, "
+                "tokenized prompts for the text tower)"
             )
         self._set_mode("quant")
         return self
@@ -329,7 +341,8 @@ class ActQuantHandle:
     def report(self) -> pd.DataFrame:
         """One row per intercepted input: site, kind, matrices, tower, bits, observer, absmax, step, batches, values."""
         rows = [{
-            "site": s.name, "kind": s.kind, "matrices": ",".join(s.matrices), "tower": s.tower, "act_spec": str(self.config),
+            "site": s.name, "kind": s.kind, "matrices": ",".join(s.matrices), "tower": s.tower,
+            "act_spec": str(self.config),
             "bits": self.config.bits, "observer": self.config.observer, "momentum": self.config.momentum,
             "absmax": s.absmax, "step": s.step, "n_batches": s.n_batches, "n_values": s.n_values,
             "n_calib_images": self.calibration.get("n_images", 0), "n_calib_texts": self.calibration.get("n_texts", 0),
@@ -358,7 +371,9 @@ class ActQuantHandle:
         self.remove()
 
 
-def attach_activation_quant(model: nn.Module, config: ActQuantConfig | str = "a8", layers: str | Selector | None = None) -> ActQuantHandle:
+def attach_activation_quant(
+    model: nn.Module, config: ActQuantConfig | str = "a8", layers: str | Selector | None = None,
+) -> ActQuantHandle:
     """Intercept the inputs of the selected matrices (same selector as the weight edit); nothing is quantized yet."""
     config = parse_act_spec(config) if isinstance(config, str) else config
     views = select(weight_views(model), layers)
@@ -382,7 +397,8 @@ def attach_activation_quant(model: nn.Module, config: ActQuantConfig | str = "a8
                 site = Site(f"{parent}.out_proj", "mha_out", names, tower, config)
                 mha_sites.setdefault(parent, {"module": model.get_submodule(parent)})["out"] = site
             elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and attr == "weight":
-                site = Site(mod_name, "conv" if isinstance(module, nn.modules.conv._ConvNd) else "linear", names, tower, config)
+                kind = "conv" if isinstance(module, nn.modules.conv._ConvNd) else "linear"
+                site = Site(mod_name, kind, names, tower, config)
                 hook = module.register_forward_pre_hook(lambda _m, args, s=site: (s(args[0]), *args[1:]))
                 restores.append(hook.remove)
             elif isinstance(module, nn.Embedding):
@@ -392,8 +408,9 @@ def attach_activation_quant(model: nn.Module, config: ActQuantConfig | str = "a8
                 site = Site(pname, "param", names, tower, config)
                 restores.append(_swap_parameter(module, attr, site))
             sites[site.name] = site
-        for parent, entry in mha_sites.items():
-            restores.append(_patch_mha(entry["module"], {"in": entry.get("in_"), "roles": entry.get("roles", ()), "out": entry.get("out")}))
+        for entry in mha_sites.values():
+            parts = {"in": entry.get("in_"), "roles": entry.get("roles", ()), "out": entry.get("out")}
+            restores.append(_patch_mha(entry["module"], parts))
     except Exception:
         for restore in reversed(restores):
             restore()
@@ -422,7 +439,8 @@ def quantize_activations(
             raise UserError("pass image_ids of the calibration images so they can be checked against the test ids")
         overlap = set(map(str, image_ids)) & set(map(str, test_ids))
         if overlap:
-            raise UserError(f"{len(overlap)} calibration images are test images (e.g. {sorted(overlap)[0]}); calibrate on a disjoint split")
+            raise UserError(f"{len(overlap)} calibration images are test images (e.g. {sorted(overlap)[0]}); "
+                            "calibrate on a disjoint split")
     handle = attach_activation_quant(model, config, layers)
     try:
         handle.calibrate(images, texts, image_ids=image_ids, batch_size=batch_size, run=run)
@@ -444,6 +462,7 @@ def calibration_images(dataset: Any, preprocess: Callable[[Any], Tensor], n: int
     if test_ids is not None:
         overlap = set(map(str, ids)) & set(map(str, test_ids))
         if overlap:
-            raise UserError(f"{len(overlap)} calibration images are test images (e.g. {sorted(overlap)[0]}); calibrate on a disjoint split")
+            raise UserError(f"{len(overlap)} calibration images are test images (e.g. {sorted(overlap)[0]}); "
+                            "calibrate on a disjoint split")
     images = torch.stack([preprocess(dataset.image(i)) for i in range(count)])
     return images, ids

@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 from argparse import Namespace
 
-from eval.cli import ArgumentParser, UserError, cli_main
+from eval.cli import ArgumentParser, cli_main
+from eval.errors import UserError
 from interventions.cli import main_for
 from interventions.controls.damping import MODES, SHRINKS
 

@@ -1,4 +1,4 @@
-"""`python -m interventions.edit --spec SPEC [SPEC …]`: any registered edit (quantizer or control) against full precision.
+"""`python -m interventions.edit --spec SPEC [SPEC …]`: any registered edit (quantizer, control) against full precision.
 
 Specs: see `--list` (e.g. `lowrank:0.5`, `damping:tikhonov`, `noise:c4`, `rotquant:haar`, `int4-g128-mse`) and
 the model-level `temperature` (e5: full precision with the logit scale matched to `--match-quant`'s confidence).
@@ -27,14 +27,13 @@ def _specs(args: Namespace) -> list[str]:
 _main = main_for(_build, _specs, "python -m interventions.edit", __doc__.splitlines()[0])
 
 
-def _with_list(argv=None) -> int:  # noqa: ANN001
+def _with_list(argv=None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if "--list" in args:
-        from interventions.registry import list_edits, _REGISTRY
+        from interventions.registry import edit_help
 
-        for prefix, examples in list_edits().items():
-            print(f"{prefix:<10} {_REGISTRY[prefix].help}\n{'':<10} e.g. {', '.join(examples)}")
-        print(f"{'temperature':<10} (e5) model-level: FP logit scale matched to the quantizer's confidence\n{'':<10} e.g. temperature, temperature:q=nf4")
+        for prefix, (text, examples) in edit_help().items():
+            print(f"{prefix:<10} {text}\n{'':<10} e.g. {', '.join(examples)}")
         return 0
     return _main(argv)
 

@@ -53,7 +53,10 @@ class QuantGrid:
     uniform. a: the clipping ratio used (1 for min-max and code-book formats).
     """
 
-    def __init__(self, sets: list[dict[str, Tensor]], shape: tuple[int, int], granularity: str, group: int, bits: int, uniform: bool) -> None:
+    def __init__(
+        self, sets: list[dict[str, Tensor]], shape: tuple[int, int], granularity: str, group: int, bits: int,
+        uniform: bool,
+    ) -> None:
         self._sets = sets  # per part of `split_sets`: {key: [sets, 1]}
         self.shape, self.granularity, self.group, self.bits, self.uniform = shape, granularity, group, bits, uniform
         self._cache: dict[str, Tensor] = {}
@@ -136,7 +139,9 @@ def split_sets(w: Float[Tensor, "out in"], granularity: str, group: int = 0) -> 
     return parts
 
 
-def merge_sets(parts: list[Float[Tensor, "_sets _k"]], shape: tuple[int, int], granularity: str, group: int = 0) -> Float[Tensor, "out in"]:
+def merge_sets(
+    parts: list[Float[Tensor, "_sets _k"]], shape: tuple[int, int], granularity: str, group: int = 0,
+) -> Float[Tensor, "out in"]:
     """Inverse of `split_sets`."""
     m, n = shape
     if granularity in ("tensor", "channel"):
@@ -184,7 +189,8 @@ def base_range(
 def uniform_grid(
     lo: Float[Tensor, "*b sets 1"], hi: Float[Tensor, "*b sets 1"], bits: int, symmetric: bool
 ) -> tuple[Float[Tensor, "*b sets 1"], Float[Tensor, "*b sets 1"], Float[Tensor, "*b sets 1"]]:
-    """(Δ, n_lo, n_hi) for the range [lo, hi] (METHODS §2): symmetric Δ = hi/q_max; asymmetric Δ = (hi−lo)/(2^b−1), z = round(−lo/Δ)."""
+    """(Δ, n_lo, n_hi) for the range [lo, hi] (METHODS §2): symmetric Δ = hi/q_max; asymmetric
+    Δ = (hi−lo)/(2^b−1), z = round(−lo/Δ)."""
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         step = (hi / qmax).clamp(min=STEP_MIN)
@@ -196,7 +202,8 @@ def uniform_grid(
 
 
 def rtn(
-    x: Float[Tensor, "*b sets k"], step: Float[Tensor, "*b sets 1"], n_lo: Float[Tensor, "*b sets 1"], n_hi: Float[Tensor, "*b sets 1"]
+    x: Float[Tensor, "*b sets k"], step: Float[Tensor, "*b sets 1"], n_lo: Float[Tensor, "*b sets 1"],
+    n_hi: Float[Tensor, "*b sets 1"],
 ) -> Float[Tensor, "*b sets k"]:
     """Ŵ = Δ · clamp(round(W/Δ), n_lo, n_hi) (round half to even, as torch.round)."""
     return step * torch.minimum(torch.maximum(torch.round(x / step), n_lo), n_hi)
@@ -281,7 +288,9 @@ def fake_quant_rtn(
 
 
 # ------------------------------------------------------------------------------------------ code books
-def codebook_sets(x: Float[Tensor, "sets k"], levels: tuple[float, ...]) -> tuple[Float[Tensor, "sets k"], Float[Tensor, "sets 1"]]:
+def codebook_sets(
+    x: Float[Tensor, "sets k"], levels: tuple[float, ...],
+) -> tuple[Float[Tensor, "sets k"], Float[Tensor, "sets 1"]]:
     """Nearest code-book level (levels sorted in [−1, 1]) of x / absmax, times absmax; ties go to the lower level."""
     scale = x.abs().amax(dim=1, keepdim=True).clamp(min=STEP_MIN)
     lv = torch.tensor(levels, dtype=x.dtype, device=x.device)

@@ -9,33 +9,40 @@ once). A criterion turns a candidate W′ into one number; the control's free pa
 - `stable-rank` (M3): stable rank Σσ′²/σ′₁² equal to Ŵ's;
 - `none`: no matching; the control needs an explicit strength.
 
-Achieved vs target is written to the edit report per matrix (`match_target`, `match_achieved`, `match_rel_err`,
-`match_reached`; rank is discrete, so `match_discrete` marks the closest achievable value). A matched control is
-applied with the same selector as its quantizer and each matrix's target is Q of that very matrix, so the two
-touch exactly the same matrices. `capture_inputs` collects the M2 inputs X with forward hooks.
+Achieved vs target is returned with the edited matrix as its edit-report fields (`MATCH_FIELDS`, declared here once
+for every control: `match_target`, `match_achieved`, `match_rel_err`, `match_reached`, …; rank is discrete, so
+`match_discrete` marks the closest achievable value). A matched control is applied with the same selector as its
+quantizer and each matrix's target is Q of that very matrix, so the two touch exactly the same matrices.
+`capture_inputs` collects the M2 inputs X with forward hooks.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eval.cli import UserError
+from eval.errors import UserError
 from interventions.fakequant import QuantGrid
 from interventions.registry import Edit, MatrixContext, parse_edit
+from spectral.metrics import stable_rank
 
 CRITERIA = ("fro", "output", "stable-rank", "none")
 DEFAULT_QUANT = "int4-g128-mse"
 DEFAULT_MATCH = "fro"
 CONTINUOUS_RTOL = 1e-3  # acceptance: |achieved − target| / target for continuous families
+# The edits.csv columns of matching, in row order (`match_note` only when there is a note); every control declares them.
+MATCH_FIELDS: tuple[str, ...] = (
+    "match", "match_quant", "match_param", "match_value", "match_target", "match_achieved", "match_rel_err",
+    "match_discrete", "match_reached", "match_note",
+)
 
 
 def check_criterion(match: str) -> str:
@@ -49,7 +56,8 @@ def quantizer(spec: str) -> Edit:
     """Build the quantizer that defines Ŵ; it must expose `quantize(w) -> (Ŵ, grid)` (a registered quantizer config)."""
     q = parse_edit(spec)
     if not hasattr(q, "quantize"):
-        raise UserError(f"--match-quant {spec!r} is not a weight quantizer (it has no quantization grid); use e.g. {DEFAULT_QUANT}, int8-ch, nf4")
+        raise UserError(f"--match-quant {spec!r} is not a weight quantizer (it has no quantization grid); "
+                        f"use e.g. {DEFAULT_QUANT}, int8-ch, nf4")
     return q
 
 
@@ -92,11 +100,11 @@ def frob(t: Tensor) -> float:
     return float(torch.linalg.vector_norm(t.to(torch.float64)).item())
 
 
-def stable_rank_of(s: Float[Tensor, " r"]) -> float:
-    """Σσ²/σ₁² (METHODS §4); 0 for the zero matrix."""
-    s = s.to(torch.float64)
-    top = float(s.max().item()) if s.numel() else 0.0
-    return float((s.pow(2).sum() / top**2).item()) if top > 0 else 0.0
+def _stable_rank(s: Float[Tensor, " r"]) -> float:
+    """Stable rank Σσ²/σ₁² (`spectral.metrics.stable_rank`, METHODS §4) with the zero matrix at 0 rather than NaN,
+    so the M3 bisections stay monotone up to a family's end point (e.g. soft thresholding to σ′ ≡ 0)."""
+    v = stable_rank(s)
+    return 0.0 if math.isnan(v) else v
 
 
 def output_norm(d: Float[Tensor, "out in"], x: Float[Tensor, "n in"]) -> float:
@@ -106,7 +114,8 @@ def output_norm(d: Float[Tensor, "out in"], x: Float[Tensor, "n in"]) -> float:
 
 def _calib(ctx: MatrixContext) -> Float[Tensor, "n in"]:
     if ctx.calib_inputs is None:
-        raise UserError(f"--match output needs calibration inputs for {ctx.name}; give a dataset with a calibration role")
+        raise UserError(f"--match output needs calibration inputs for {ctx.name}; "
+                        "give a dataset with a calibration role")
     return ctx.calib_inputs
 
 
@@ -117,7 +126,7 @@ def target_of(criterion: str, ref: QuantRef) -> float:
     if criterion == "output":
         return output_norm(ref.e, _calib(ref.ctx))
     if criterion == "stable-rank":
-        return stable_rank_of(ref.ctx.svd(ref.w_hat).S)
+        return _stable_rank(ref.ctx.svd(ref.w_hat).S)
     raise ValueError(criterion)
 
 
@@ -128,7 +137,7 @@ def measure(criterion: str, w: Float[Tensor, "out in"], w_new: Float[Tensor, "ou
     if criterion == "output":
         return output_norm(w_new - w, _calib(ctx))
     if criterion == "stable-rank":
-        return stable_rank_of(torch.linalg.svdvals(w_new.to(torch.float64)))
+        return _stable_rank(torch.linalg.svdvals(w_new.to(torch.float64)))
     raise ValueError(criterion)
 
 
@@ -140,17 +149,21 @@ def spectral_weights(criterion: str, ctx: MatrixContext, vh: Float[Tensor, "r n"
     return None
 
 
-def spectral_measure(criterion: str, s: Float[Tensor, " r"], s_new: Float[Tensor, " r"], c: Tensor | None = None) -> float:
+def spectral_measure(
+    criterion: str, s: Float[Tensor, " r"], s_new: Float[Tensor, " r"], c: Tensor | None = None,
+) -> float:
     """The criterion for W′ = U diag(σ′) Vᵀ evaluated in σ-space (exact: same singular basis as W)."""
     if criterion in ("fro", "output"):
         d2 = (s_new - s).pow(2)
         return math.sqrt(float((d2 * c).sum().item() if c is not None else d2.sum().item()))
     if criterion == "stable-rank":
-        return stable_rank_of(s_new.abs())
+        return _stable_rank(s_new.abs())
     raise ValueError(criterion)
 
 
-def bisect(f: Callable[[float], float], target: float, lo: float, hi: float, *, rtol: float = 1e-9, maxiter: int = 200) -> tuple[float, bool]:
+def bisect(
+    f: Callable[[float], float], target: float, lo: float, hi: float, *, rtol: float = 1e-9, maxiter: int = 200,
+) -> tuple[float, bool]:
     """Solve f(t) = target for monotone f on [lo, hi]; returns (t, reached). Unreachable -> the nearer end."""
     f_lo, f_hi = f(lo), f(hi)
     increasing = f_hi >= f_lo
@@ -170,9 +183,9 @@ def bisect(f: Callable[[float], float], target: float, lo: float, hi: float, *, 
     return 0.5 * (lo + hi), True
 
 
-@dataclass
+@dataclass(frozen=True)
 class MatchResult:
-    """Outcome of matching one matrix: the free parameter and achieved vs target."""
+    """Outcome of matching one matrix: the free parameter and achieved vs target (fields: `MATCH_FIELDS`)."""
 
     criterion: str
     quant: str
@@ -183,7 +196,7 @@ class MatchResult:
     discrete: bool = False
     reached: bool = True
     note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # the family's own fields found while matching (e.g. rank)
 
     @property
     def rel_err(self) -> float:
@@ -191,29 +204,32 @@ class MatchResult:
             return 0.0 if self.achieved == 0 else math.inf
         return abs(self.achieved - self.target) / abs(self.target)
 
-    def record(self, ctx: MatrixContext) -> None:
-        """Write into the edit report row of this matrix (edits.csv)."""
-        ctx.extra.update({
+    def fields(self) -> dict[str, Any]:
+        """The edit-report fields of this matrix (edits.csv): `MATCH_FIELDS`, then `extra`."""
+        return {
             "match": self.criterion, "match_quant": self.quant, "match_param": self.param,
             "match_value": self.value, "match_target": self.target, "match_achieved": self.achieved,
             "match_rel_err": self.rel_err, "match_discrete": self.discrete, "match_reached": self.reached,
             **({"match_note": self.note} if self.note else {}), **self.extra,
-        })
+        }
 
 
-def report_reference(criterion: str, ref: QuantRef, w: Tensor, w_new: Tensor, ctx: MatrixContext, quant: str) -> None:
+def reference_fields(
+    criterion: str, ref: QuantRef, w: Float[Tensor, "out in"], w_new: Float[Tensor, "out in"], ctx: MatrixContext,
+    quant: str,
+) -> dict[str, Any]:
     """For controls with no free parameter: still report how the control compares with Q (criterion, default fro)."""
     crit = criterion if criterion != "none" else "fro"
     target = target_of(crit, ref)
     achieved = measure(crit, w, w_new, ctx)
-    MatchResult(crit, quant, "", math.nan, target, achieved, reached=False, note="no free parameter").record(ctx)
+    return MatchResult(crit, quant, "", math.nan, target, achieved, reached=False, note="no free parameter").fields()
 
 
 def match_summary(rows: list[dict[str, Any]]) -> str:
     """One line: how well the matched matrices hit their targets (or, without a free parameter, the ratio to Q)."""
     matched = [r for r in rows if r.get("match_param")]
     if not matched:
-        ref = [r for r in rows if "match_target" in r and r["match_target"]]
+        ref = [r for r in rows if r.get("match_target")]
         if not ref:
             return "matching: none"
         ratios = sorted(r["match_achieved"] / r["match_target"] for r in ref)
@@ -225,7 +241,8 @@ def match_summary(rows: list[dict[str, Any]]) -> str:
     crit, quant = matched[0]["match"], matched[0]["match_quant"]
     kind = "discrete rank: closest achievable" if discrete else f"continuous, tolerance {CONTINUOUS_RTOL:g}"
     return (f"matching {crit} to {quant} on {len(matched)} matrices ({kind}): |achieved-target|/target "
-            f"median {errs[len(errs) // 2]:.2e} max {errs[-1]:.2e}" + (f"; {unreached} unreachable (see match_note)" if unreached else ""))
+            f"median {errs[len(errs) // 2]:.2e} max {errs[-1]:.2e}"
+            + (f"; {unreached} unreachable (see match_note)" if unreached else ""))
 
 
 # ----------------------------------------------------------------------------- M2: calibration inputs
@@ -236,7 +253,7 @@ class _MatmulCapture(torch.overrides.TorchFunctionMode):
         super().__init__()
         self.record, self.watched = record, watched
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) and len(args) == 2:
             x, w = args
             if isinstance(w, Tensor) and w.ndim == 2 and w.data_ptr() in self.watched:
@@ -298,13 +315,16 @@ def capture_inputs(
             if v.transpose or mod is None:
                 watched_mm.add(key)
             elif isinstance(mod, torch.nn.MultiheadAttention) and leaf == "in_proj_weight":
-                hooks.append(mod.register_forward_pre_hook(
-                    lambda m, args, kwargs, key=key: record(key, args[0] if args else kwargs["query"]), with_kwargs=True))
-            elif isinstance(modules.get(owner.rpartition(".")[0]), torch.nn.MultiheadAttention) and owner.endswith("out_proj"):
+                def pre(m, args, kwargs, key=key):  # noqa: ANN001
+                    record(key, args[0] if args else kwargs["query"])
+
+                hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+            elif (isinstance(modules.get(owner.rpartition(".")[0]), torch.nn.MultiheadAttention)
+                  and owner.endswith("out_proj")):
                 parent = modules[owner.rpartition(".")[0]]
                 twin = _mha_without_out_proj(parent)
 
-                def hook(m, args, kwargs, key=key, twin=twin):  # noqa: ANN001
+                def hook(m, args, kwargs, key=key, twin=twin):
                     record(key, twin(*args, **kwargs)[0])
 
                 hooks.append(parent.register_forward_pre_hook(hook, with_kwargs=True))
@@ -325,7 +345,8 @@ def capture_inputs(
     for v in views:
         chunks = store.get(v.param.data_ptr())
         if not chunks:
-            raise UserError(f"no calibration inputs reached {v.name}; --match output needs images/prompts for its tower")
+            raise UserError(f"no calibration inputs reached {v.name}; "
+                            "--match output needs images/prompts for its tower")
         x = torch.cat(chunks)
         width = v.shape[1]
         if x.shape[1] != width:

@@ -2,7 +2,7 @@
 
 `--kind c1` (white per-row, default), `c1-uniform`, `c1-group`, `c1-rel` (per-entry relative, for FP formats),
 `c2` (sign-randomised error), `c3` (row-permuted error), `c4` (spectrum-matched Haar basis), `c5` (subtractive
-dither: a quantizer variant). One variant per seed (`--seeds 0-4` for METHODS' five); the scale is matched to
+dither: a quantizer variant). One variant per seed (`--seeds 5` for METHODS' five: seeds 0..4); the scale is matched to
 `--match-quant` by `--match` unless `--scale` fixes it.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 from argparse import Namespace
 
+from eval.cli import ArgumentParser, cli_main
 from interventions.cli import main_for
 from interventions.controls.noise import ALIASES, DISTS, KINDS
-from eval.cli import ArgumentParser, cli_main
 
 
 def _build(p: ArgumentParser) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from argparse import Namespace
 
-from eval.cli import ArgumentParser, UserError, cli_main
+from eval.cli import ArgumentParser, cli_main
+from eval.errors import UserError
 from interventions.actquant import SEED_SETTINGS, parse_act_spec
 from interventions.cli import main_for
 from interventions.matching import DEFAULT_QUANT, quantizer

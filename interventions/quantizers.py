@@ -7,7 +7,8 @@ Spec grammar (canonical order; `str(config)` gives exactly the spec back):
 `t` = per-tensor, `ch` = per output channel, `g<n>` = groups of n contiguous inputs (a short last group
 when the width is not a multiple of n); no range suffix = min-max (a = 1); `-a0.9` = fixed clipping ratio.
 
-Besides `__call__(w, ctx) -> Ŵ`, every quantizer exposes `quantize(w) -> (Ŵ, QuantGrid)`, `grid(w)` and
+Besides `apply(w, ctx) -> Edited(Ŵ, {q_a_mean, q_clipped_frac})`, every quantizer exposes
+`quantize(w) -> (Ŵ, QuantGrid)`, `grid(w)` and
 `with_range(a)` (the same quantizer with a fixed clipping ratio, a = 1: min-max) for the clipping-only,
 rounding-only, dead-zone-only and dither controls (METHODS §3 c5, d).
 """
@@ -16,16 +17,17 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from jaxtyping import Float
 from torch import Tensor
 
-from eval.cli import UserError
+from eval.errors import UserError
 from interventions import fakequant as fq
 from interventions.fakequant import QuantGrid
-from interventions.registry import Edit, MatrixContext, register_edit
+from interventions.registry import Edit, Edited, MatrixContext, register_edit
 
 GRAMMAR = (
     "int<2-8>-<t|ch|g32|g64|g128>[-mse|-p0.999|-p0.9999|-p0.99999|-a<0.5..1>][-asym], "
@@ -37,7 +39,8 @@ SPEC_EXAMPLES: tuple[str, ...] = (
 )
 # METHODS §2 recommended grid, in order.
 RECOMMENDED: tuple[str, ...] = (
-    "int8-ch", "int6-ch", "int4-ch", "int4-ch-mse", "int4-g128", "int3-g64-mse", "int2-g64-mse", "nf4", "fp4", "fp8-e4m3",
+    "int8-ch", "int6-ch", "int4-ch", "int4-ch-mse", "int4-g128", "int3-g64-mse", "int2-g64-mse", "nf4", "fp4",
+    "fp8-e4m3",
 )
 _GRAN_TOKEN = {"tensor": "t", "channel": "ch"}
 _FORMATS = ("int", "nf4", "fp4", "fp8")
@@ -55,6 +58,8 @@ class Quantizer(Edit):
     """Common interface of the weight quantizers (family "quant")."""
 
     family: ClassVar[str] = "quant"
+    # edits.csv: the mean clipping ratio a over entries and the fraction of entries outside their set's range
+    report_fields: ClassVar[tuple[str, ...]] = ("q_a_mean", "q_clipped_frac")
     bits: int
 
     @abc.abstractmethod
@@ -65,14 +70,13 @@ class Quantizer(Edit):
         """Per-entry clipping range (lo, hi), step Δ and clipping ratio a for `w` (see `QuantGrid`)."""
         return self.quantize(w)[1]
 
-    def with_range(self, a: float = 1.0) -> "Quantizer":
+    def with_range(self, a: float = 1.0) -> Quantizer:
         """The same quantizer with a fixed clipping ratio `a` (a = 1: min-max). Code-book formats have no ratio."""
         return self
 
-    def __call__(self, w: Float[Tensor, "out in"], ctx: MatrixContext) -> Float[Tensor, "out in"]:
+    def apply(self, w: Float[Tensor, "out in"], ctx: MatrixContext) -> Edited:
         q, grid = self.quantize(w)
-        ctx.extra.update({"q_a_mean": grid.a_mean(), "q_clipped_frac": grid.clipped_fraction(w)})
-        return q
+        return Edited(q, {"q_a_mean": grid.a_mean(), "q_clipped_frac": grid.clipped_fraction(w)})
 
     def params(self) -> dict[str, Any]:
         """The same edits.csv columns for every format (the registry prefixes them with `p_`)."""
@@ -101,11 +105,13 @@ class IntQuantizer(Quantizer):
             if self.group not in fq.GROUP_SIZES:
                 raise UserError(f"group size must be one of {', '.join(map(str, fq.GROUP_SIZES))}, got {self.group!r}")
         elif self.group != 0:
-            raise UserError(f"group size {self.group} given for granularity {self.granularity!r}; use granularity 'group'")
+            raise UserError(f"group size {self.group} given for granularity {self.granularity!r}; "
+                            "use granularity 'group'")
         if self.range not in fq.RANGES:
             raise UserError(f"range must be one of {', '.join(fq.RANGES)}, got {self.range!r}")
         if (self.range == "percentile") != (self.p is not None):
-            raise UserError(f"percentile p is required exactly when range is 'percentile' (range {self.range!r}, p {self.p!r})")
+            raise UserError("percentile p is required exactly when range is 'percentile' "
+                            f"(range {self.range!r}, p {self.p!r})")
         if self.p is not None and self.p not in fq.PERCENTILES:
             raise UserError(f"percentile must be one of {', '.join(map(str, fq.PERCENTILES))}, got {self.p!r}")
         if not (0.5 <= self.clip <= 1.0) or (self.clip != 1.0 and self.range != "minmax"):
@@ -120,9 +126,10 @@ class IntQuantizer(Quantizer):
         return f"int{self.bits}-{gran}{rng}{'' if self.symmetric else '-asym'}"
 
     def quantize(self, w: Float[Tensor, "out in"]) -> tuple[Float[Tensor, "out in"], QuantGrid]:
-        return fq.fake_quant_rtn(w, self.bits, self.granularity, self.group, self.symmetric, self.range, self.p, self.clip)
+        return fq.fake_quant_rtn(w, self.bits, self.granularity, self.group, self.symmetric, self.range, self.p,
+                                 self.clip)
 
-    def with_range(self, a: float = 1.0) -> "IntQuantizer":
+    def with_range(self, a: float = 1.0) -> IntQuantizer:
         return dataclasses.replace(self, range="minmax", p=None, clip=a)
 
     def params(self) -> dict[str, Any]:

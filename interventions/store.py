@@ -14,16 +14,12 @@ Layout under the store root (DESIGN "Tidy results", METHODS §8):
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import io
 import json
 import math
 import os
 import shutil
 import socket
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -34,7 +30,9 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from eval.cli import UserError
+from eval.atomic import frame_bytes, write_frame
+from eval.errors import UserError
+from eval.version import code_version, set_code_version  # noqa: F401  (re-exported: run keys record it)
 
 RUNS = "runs"
 TMP = ".tmp"
@@ -43,41 +41,6 @@ KEY_CHARS = 16
 
 
 # --------------------------------------------------------------------------------------------- keys
-_PINNED_VERSION: list[str] = []
-
-
-def set_code_version(version: str | None) -> None:
-    """Pin the code version recorded in run keys for this process (None: back to `git describe`)."""
-    _PINNED_VERSION.clear()
-    if version is not None:
-        if not version.strip():
-            raise UserError("--code-version must not be empty")
-        _PINNED_VERSION.append(version.strip())
-
-
-def code_version() -> str:
-    """The pinned version, else `git describe --always --dirty` of this source tree, else the package version."""
-    return _PINNED_VERSION[0] if _PINNED_VERSION else _described_version()
-
-
-@functools.lru_cache(maxsize=1)
-def _described_version() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=root, capture_output=True,
-                             text=True, timeout=10, check=True)
-        if out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        from importlib.metadata import version
-
-        return f"clip-spectral=={version('clip-spectral')}"
-    except Exception:
-        return "unknown"
-
-
 def _jsonable(x: Any) -> Any:
     if isinstance(x, (np.integer,)):
         return int(x)
@@ -183,40 +146,6 @@ def _check_rel(rel: str) -> str:
     return rel
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to `path` via a temp file in the same folder and os.replace (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def frame_bytes(df: pd.DataFrame, fmt: str) -> bytes:
-    """A table as CSV or Parquet bytes (index dropped)."""
-    buf = io.BytesIO()
-    if fmt == "csv":
-        buf.write(df.to_csv(index=False).encode())
-    elif fmt == "parquet":
-        df.to_parquet(buf, index=False)
-    else:
-        raise ValueError(f"unknown table format {fmt!r}")
-    return buf.getvalue()
-
-
-def write_table(root: Path, name: str, df: pd.DataFrame, formats: Iterable[str] = ("csv", "parquet")) -> None:
-    """Write `<root>/<name>.csv` and `.parquet` atomically."""
-    for fmt in formats:
-        write_atomic(root / f"{name}.{fmt}", frame_bytes(df, fmt))
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -319,6 +248,8 @@ class ResultsStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _fsync_dir(self.runs_dir)
+        with contextlib.suppress(OSError):
+            self.tmp_dir.rmdir()  # empty once nothing else is being written (another shard's runs keep it)
         return self.load(key)
 
     def get_or_run(self, config: Mapping[str, Any], compute: Callable[[], RunResult]) -> tuple[StoredRun, bool]:
@@ -346,12 +277,39 @@ class ResultsStore:
         out["runs"] = pd.DataFrame([{"run": r.key, **_flat(r.config)} for r in runs])
         return out
 
-    def write_merged(self, keys: Iterable[str] | None = None) -> dict[str, pd.DataFrame]:
-        """Write the merged tables to `<root>/<name>.csv/.parquet` atomically; returns them."""
+    def write_merged(self, keys: Iterable[str] | None = None, *,
+                     finish: Callable[[dict[str, pd.DataFrame]], dict[str, pd.DataFrame]] | None = None
+                     ) -> dict[str, pd.DataFrame]:
+        """Write the merged tables (after `finish`, e.g. cross-run rows) to `<root>/<name>.csv/.parquet` atomically."""
         tables = self.merged(keys)
+        if finish is not None:
+            tables = finish(tables)
         for name, df in tables.items():
-            write_table(self.root, name, df)
+            write_frame(df, self.root, name)
         return tables
+
+    def link_arrays(self, keys: Iterable[str], dest: str | Path | None = None,
+                    folders: tuple[str, ...] = ("samples", "spectra")) -> int:
+        """METHODS §8 `samples/…` and `spectra/…` at the top of the results folder: hard links into the runs
+        (copies where links fail), replaced atomically; a file that is already the run's file is left alone."""
+        dest = self.root if dest is None else Path(dest)
+        n = 0
+        for key in keys:
+            run = self.path(key)
+            for folder in folders:
+                for src in sorted((run / folder).rglob("*.npz")) if (run / folder).is_dir() else ():
+                    dst = dest / src.relative_to(run)
+                    n += 1
+                    if dst.exists() and os.path.samefile(src, dst):
+                        continue  # os.replace between two links of one file would do nothing and leave the temp
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+                    try:
+                        os.link(src, tmp)
+                    except OSError:
+                        shutil.copyfile(src, tmp)
+                    os.replace(tmp, dst)
+        return n
 
 
 def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

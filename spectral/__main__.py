@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from eval.cli import ArgumentParser, UserError, add_model_args, check_device, cli_main
+from eval.cli import ArgumentParser, add_model_args, check_device, cli_main
+from eval.errors import UserError
 from spectral.selector import select
 from spectral.views import total_parameters, weight_views
 

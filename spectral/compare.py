@@ -2,7 +2,7 @@
 
 One full SVD of W′ (for σ̂ and the subspaces Û, V̂), the cached factors of W, and singular values of E and of
 the Monte-Carlo null draws. Everything else is matrix products in W's singular basis:
-g_i = u_iᵀW′v_i/σ_i (b3's gain), leakage, overlaps of U_k with Û_k (and V), A_k, ρ(E, W), α_B.
+g_i = u_iᵀW′v_i/σ_i (b3's gain, `spectral.gains`), leakage, overlaps of U_k with Û_k (and V), A_k, ρ(E, W), α_B.
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from spectral.gains import N_DECILES, gain_deciles, gains_from_projections
 from spectral.nulls import error_null_stats, matrix_generator, per_row_noise, row_scales
 from spectral.svd import DEFAULT_CACHE, SVDCache, SVDFactors
 
 OVERLAP_KS: dict[str, float | int] = {"k8": 8, "k32": 32, "0.1r": 0.1, "0.5r": 0.5}
 ALIGN_KS = (8, 32)
-N_DECILES = 10
 TAIL_Z = 2.0  # tail_below_null: tail gain more than TAIL_Z null standard deviations below the null mean
 
 
@@ -45,17 +45,14 @@ def _nanmean(t: Tensor) -> float:
     return float(t.mean()) if t.numel() else math.nan
 
 
-def gain_profile(factors: SVDFactors, w_prime: Float[Tensor, "m n"]) -> Float[Tensor, " r"]:
-    """g_i = u_iᵀ W′ v_i / σ_i (METHODS §3 b3): how much of direction i survives the edit; NaN where σ_i ≈ 0."""
-    U, S, Vh = factors.U, factors.S, factors.Vh
-    wp = w_prime.detach().to(device=U.device, dtype=torch.float64)
-    d = ((U.transpose(0, 1) @ wp) * Vh).sum(dim=1)
-    return _safe_ratio(d, S, wp.shape)
-
-
-def _safe_ratio(d: Tensor, S: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
-    tol = float(S.max()) * max(shape) * torch.finfo(torch.float64).eps if S.numel() else 0.0
-    return torch.where(S > tol, d / torch.where(S > tol, S, torch.ones_like(S)), torch.full_like(S, math.nan))
+def _decile_columns(g: Float[Tensor, " r"]) -> dict[str, Any]:
+    """gain_d1…gain_d10 (mean finite g_i per decile, `spectral.gains`) and gain_excluded (#NaN g_i)."""
+    row = {f"gain_d{j}": math.nan for j in range(1, N_DECILES + 1)}
+    excluded = 0
+    for d in gain_deciles(g):
+        row[f"gain_d{d['decile'] + 1}"] = d["gain"]
+        excluded += d["n_excluded"]
+    return {**row, "gain_excluded": excluded}
 
 
 @dataclass
@@ -82,14 +79,16 @@ def compare_matrices(
 ) -> Comparison:
     """Compare W with W′ (METHODS §4). Columns:
 
-    delta = ‖E‖_F/‖W‖_F; spec_change = ‖E‖₂/‖W‖₂; gain_d1…d10 = mean g_i per decile of i (σ₁ first);
+    delta = ‖E‖_F/‖W‖_F; spec_change = ‖E‖₂/‖W‖₂; gain_d1…d10 = mean g_i per decile of i (σ₁ first; decile j
+    holds the 1-based i with ⌊10(i−1)/r⌋ = j − 1) over the i with σ_i > σ₁·max(m, n)·eps(float32), and
+    gain_excluded = how many i fall at or below that tolerance (`spectral.gains`);
     leakage = ‖W′ − U diag(diag(UᵀW′V)) Vᵀ‖_F² / ‖E‖_F²; overlap_{u,v}_<k> = mean cos² and mincos_{u,v}_<k> =
     min cos of the principal angles between the top-k singular subspaces of W and W′, k ∈ {8, 32, 0.1r, 0.5r};
     err_* = σ(E) against the Marchenko–Pastur and per-row Monte-Carlo nulls (see `spectral.nulls`);
     rho_ew = ⟨E,W⟩/(‖E‖‖W‖); alpha_b = ⟨W,W′⟩/‖W‖²; align_k = ‖U_kᵀEV_k‖²/‖E‖² vs align_iso_k = k²/(mn).
 
-    tail_gain is the mean of g_i over the last half of the singular indices (i ≥ ⌊r/2⌋, directions with
-    σ_i ≈ 0 skipped): below 1 the edit damps the weak directions, as the spectral-filtering story claims.
+    tail_gain is the mean of g_i over the last half of the singular indices (i ≥ ⌊r/2⌋, the excluded
+    directions skipped): below 1 the edit damps the weak directions, as the spectral-filtering story claims.
     tail_gain_null is the same statistic for W + N with N the c1 per-row white-noise null at matched ‖E‖_F,
     averaged over `n_null` Monte-Carlo draws; tail_gain_null_sd is that statistic's exact null standard
     deviation (it is linear in Gaussian N: Var g_i = Σ_r s_r² U_ri² / σ_i², independent across i), and
@@ -120,13 +119,12 @@ def compare_matrices(
 
     UtE = U.transpose(0, 1) @ E  # r×n
     dE = (UtE * Vh).sum(dim=1)  # diag(UᵀEV)
-    g = 1.0 + _safe_ratio(dE, S, (m, n))
+    g = gains_from_projections(S + dE, S, (m, n))  # u_iᵀW′v_i = σ_i + u_iᵀEv_i
     s1 = float(S[0]) if r else 0.0
 
     row["delta"] = e_fro / w_fro if w_fro > 0 else math.nan
     row["spec_change"] = float(sigma_e[0]) / s1 if s1 > 0 else math.nan
-    for j, chunk in enumerate(torch.tensor_split(g, N_DECILES), start=1):
-        row[f"gain_d{j}"] = _nanmean(chunk)
+    row.update(_decile_columns(g))
     row["leakage"] = max(e_fro**2 - float((dE**2).sum()), 0.0) / e_fro**2
     for key, spec in OVERLAP_KS.items():
         k = overlap_rank(r, spec)
@@ -144,7 +142,7 @@ def compare_matrices(
     for draw in range(n_null):
         N = per_row_noise(E, gen).to(dev)
         dN = ((U.transpose(0, 1) @ N) * Vh).sum(dim=1)
-        null_tails.append(_nanmean(1.0 + _safe_ratio(dN, S, (m, n))[tail]))
+        null_tails.append(_nanmean(gains_from_projections(S + dN, S, (m, n))[tail]))
         if draw < n_null_svd:
             null_sigmas.append(cache.values(N, store=False))
     s2 = float((E**2).mean())
@@ -157,7 +155,7 @@ def compare_matrices(
         row[f"align_iso_k{k}"] = kk * kk / (m * n)
 
     tail_g = _nanmean(g[tail])
-    var_i = ((U**2).transpose(0, 1) @ row_scales(E).to(dev) ** 2) / S.clamp_min(1e-300) ** 2
+    var_i = ((U**2).transpose(0, 1) @ row_scales(E)[:, 0] ** 2) / S.clamp_min(1e-300) ** 2
     var_tail = var_i[tail][torch.isfinite(g[tail])]
     null_sd = float(torch.sqrt(var_tail.sum())) / max(int(var_tail.numel()), 1) if var_tail.numel() else math.nan
     null_mean = sum(null_tails) / len(null_tails) if null_tails else math.nan
@@ -172,9 +170,8 @@ def _identity(S: Tensor, m: int, n: int, w_fro: float) -> Comparison:
     """The comparison of a matrix with itself: g ≡ 1, overlaps 1, no error (error statistics NaN)."""
     r = int(S.numel())
     row: dict[str, Any] = {"delta": 0.0, "spec_change": 0.0}
-    g = _safe_ratio(S, S, (m, n))
-    for j, chunk in enumerate(torch.tensor_split(g, N_DECILES), start=1):
-        row[f"gain_d{j}"] = _nanmean(chunk)
+    g = gains_from_projections(S, S, (m, n))
+    row.update(_decile_columns(g))
     row["leakage"] = math.nan
     for key in OVERLAP_KS:
         for side in ("u", "v"):

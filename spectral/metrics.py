@@ -23,14 +23,14 @@ def _f64(sigma: Tensor) -> Tensor:
 
 
 def stable_rank(sigma: Float[Tensor, " r"]) -> float:
-    """Σσ²/σ₁² (NaN for the zero matrix)."""
+    """Stable rank Σσ²/σ₁² (METHODS §4) of any 1-D tensor of singular values (NaN for the zero matrix)."""
     s = _f64(sigma)
     top = float(s.max()) if s.numel() else 0.0
     return float((s**2).sum() / top**2) if top > 0 else math.nan
 
 
 def effective_rank(sigma: Float[Tensor, " r"]) -> float:
-    """Roy & Vetterli: exp(−Σ p_i ln p_i) with p_i = σ_i/Σσ_j (0 ln 0 = 0); NaN for the zero matrix."""
+    """Effective rank (METHODS §4, Roy & Vetterli): exp(−Σ p_i ln p_i), p_i = σ_i/Σσ_j (0 ln 0 = 0); NaN for 0."""
     s = _f64(sigma)
     total = float(s.sum())
     if total <= 0:

@@ -22,15 +22,32 @@ def mp_edges(m: int, n: int, s2: float | int) -> tuple[float, float]:
     return s * abs(math.sqrt(m) - math.sqrt(n)), s * (math.sqrt(m) + math.sqrt(n))
 
 
-def matrix_generator(name: str, seed: int = 0, salt: str = "") -> torch.Generator:
-    """A CPU generator seeded from (matrix name, seed, salt): the same null on any machine and in any order."""
+def matrix_generator(name: str, seed: int = 0, salt: str = "", device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device` seeded from blake2b(name|seed|salt): the same stream on any machine, in any order."""
     digest = hashlib.blake2b(f"{name}|{seed}|{salt}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
-def row_scales(e: Float[Tensor, "m n"]) -> Float[Tensor, " m"]:
-    """s_r = sqrt(mean_j E_rj²)."""
-    return torch.sqrt((e.to(torch.float64) ** 2).mean(dim=1))
+def row_scales(e: Float[Tensor, "m n"], group: int | None = None) -> Float[Tensor, "m n"]:
+    """Per-entry s (METHODS §3 c1): RMS of E over its row, or over its group of `group` contiguous inputs.
+
+    Computed in e's dtype; a last group shorter than `group` (width not a multiple) gets its own RMS, and
+    `group` ≥ n is the per-row case. The per-row result is an expanded view: s_r = result[r, 0].
+    """
+    if group is not None and group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
+    if group is None or group >= e.shape[1]:
+        return e.pow(2).mean(dim=1, keepdim=True).sqrt().expand_as(e)
+    m, n = e.shape
+    full = (n // group) * group
+    pieces = []
+    if full:
+        g = e[:, :full].reshape(m, full // group, group)
+        pieces.append(g.pow(2).mean(dim=2, keepdim=True).sqrt().expand_as(g).reshape(m, full))
+    if full < n:
+        tail = e[:, full:]
+        pieces.append(tail.pow(2).mean(dim=1, keepdim=True).sqrt().expand_as(tail))
+    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
 
 
 def per_row_noise(
@@ -48,7 +65,7 @@ def per_row_noise(
         z = torch.randn(m, n, generator=generator, dtype=torch.float64)
     else:
         z = (torch.rand(m, n, generator=generator, dtype=torch.float64) * 2 - 1) * math.sqrt(3.0)
-    noise = row_scales(e64).unsqueeze(1) * z
+    noise = row_scales(e64) * z
     if match_fro:
         target = float(torch.linalg.vector_norm(e64))
         have = float(torch.linalg.vector_norm(noise))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -20,8 +19,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from eval.atomic import atomic_write
 from eval.hashing import tensor_hash
-from spectral.compare import ALIGN_KS, N_DECILES, OVERLAP_KS, compare_matrices
+from spectral.compare import ALIGN_KS, OVERLAP_KS, compare_matrices
+from spectral.gains import N_DECILES
 from spectral.metrics import ENERGY_PERCENTS, RANK_RTOLS, spectrum_metrics
 from spectral.selector import Selector, select
 from spectral.svd import SVDCache
@@ -32,7 +33,7 @@ ID_COLUMNS = ["variant", "matrix", "tower", "kind", "block"]
 METRIC_COLUMNS = (["m", "n", "r", "fro", "spec", "stable_rank", "effective_rank", "nrank_eps", *RANK_RTOLS]
                   + [f"energy_top{p}" for p in ENERGY_PERCENTS] + ["alpha", "lambda_min", "n_tail", "ks_d"])
 COMPARE_COLUMNS = (
-    ["delta", "spec_change"] + [f"gain_d{j}" for j in range(1, N_DECILES + 1)] + ["leakage"]
+    ["delta", "spec_change"] + [f"gain_d{j}" for j in range(1, N_DECILES + 1)] + ["gain_excluded", "leakage"]
     + [f"overlap_{s}_{k}" for k in OVERLAP_KS for s in ("u", "v")]
     + [f"mincos_{s}_{k}" for k in OVERLAP_KS for s in ("u", "v")]
     + ["err_sigma1", "mp_lo", "mp_hi", "err_sigma1_ratio_mp", "err_sigma1_ratio_mc", "err_ks_mc", "rho_ew", "alpha_b"]
@@ -97,13 +98,7 @@ def variant_filename(variant: str) -> str:
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # ordinary mode (umask), unlike mkstemp
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda p: write(Path(p)))
     return path
 
 
@@ -189,6 +184,7 @@ def analyse_matrices(
     frame = pd.DataFrame([rows[key] for key in order], columns=COLUMNS)
     frame["block"] = frame["block"].astype("Int64")
     frame["tail_below_null"] = frame["tail_below_null"].astype("boolean")
+    frame["gain_excluded"] = frame["gain_excluded"].astype("Int64")  # NaN on fp rows
     for col in ("m", "n", "r", "nrank_eps", *RANK_RTOLS, "n_tail"):
         frame[col] = frame[col].astype("int64")
     return SpectralReport(frame=frame, arrays=arrays)

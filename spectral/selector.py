@@ -10,8 +10,8 @@ import fnmatch
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from eval.cli import UserError
-from spectral.views import CORE_KINDS, KIND_GROUPS, OPTIONAL_KINDS, TOWERS, GENERIC_KINDS, WeightView
+from eval.errors import UserError
+from spectral.views import CORE_KINDS, GENERIC_KINDS, KIND_GROUPS, OPTIONAL_KINDS, TOWERS, WeightView
 
 SCOPES = ("core", "all")
 PARTS = ("early", "late")

@@ -8,7 +8,6 @@ driver, CPU, a Gram-matrix eigensolver) with an `SVDFallbackWarning` instead of 
 from __future__ import annotations
 
 import os
-import uuid
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from eval.atomic import atomic_write
 from eval.hashing import tensor_hash
 
 
@@ -274,14 +274,7 @@ class SVDCache:
         if self.directory is None:
             return
         path = self._path(key, kind)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            torch.save({k: v.contiguous() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda p: torch.save({k: v.contiguous() for k, v in tensors.items()}, p), fsync=False)
 
     # ---- computation ------------------------------------------------------------------------------------
     def _compute(self, todo: dict[str, Tensor], vectors: bool) -> dict[str, tuple[Tensor | None, Tensor, Tensor | None]]:

@@ -104,8 +104,9 @@ def _spectral_row(w: np.ndarray, svd: tuple[np.ndarray, np.ndarray, np.ndarray],
     e = w2 - w
     se = np.linalg.svd(e, compute_uv=False)
     row["delta"] = np.linalg.norm(e) / np.linalg.norm(w)
-    for d, chunk in enumerate(np.array_split(g, 10), start=1):
-        row[f"gain_d{d}"] = chunk.mean()
+    dec = np.arange(r) * 10 // r  # METHODS §4: decile j holds the 1-based i with ⌊10(i−1)/r⌋ = j − 1
+    for d in range(1, 11):
+        row[f"gain_d{d}"] = g[dec == d - 1].mean() if (dec == d - 1).any() else np.nan
     for key in OVERLAP_KS:
         k = int(key[1:]) if key.startswith("k") else max(1, int(round(float(key[:-1]) * r)))
         k = min(k, r)
@@ -169,7 +170,7 @@ def _id_metrics(z: np.ndarray, y: np.ndarray) -> dict[str, float]:
     p = _softmax(z)
     conf, pred = p.max(1), p.argmax(1)
     correct = (pred == y).astype(float)
-    bins = np.clip(np.ceil(conf * 15).astype(int) - 1, 0, 14)
+    bins = np.minimum(np.floor(conf * 15).astype(int), 14)  # METHODS §5: [lo, hi), the last bin closed
     gap = np.bincount(bins, correct - conf, minlength=15)
     ece = np.abs(gap).sum() / y.size
     onehot = np.eye(N_CLASSES)[y]

@@ -59,7 +59,12 @@ def test_lowrank_sweep_writes_the_output_contract(tiny_config_path, folders, tmp
     assert s["logits"].shape == (18, 3) and s["labels"].shape == (18,)
     edits = pd.read_csv(out / "edits.csv")
     assert {"variant", "matrix", "tower", "kind", "shape", "delta", "coverage", "rank"} <= set(edits.columns)
-    assert len(edits) == 2 * 24 and (edits.loc[edits["variant"] == "lowrank:0.5", "rank_frac"] >= 0.5).all()
+    assert len(edits) == 2 * 24
+    # k = ⌈ρ·r⌉ exactly (METHODS §3 a), r = min(m, n) of each matrix's shape
+    r = edits["shape"].str.split("x").map(lambda mn: min(int(mn[0]), int(mn[1])))
+    for variant, rho in (("lowrank:0.5", 0.5), ("lowrank:0.25", 0.25)):
+        sel = edits["variant"] == variant
+        assert (edits.loc[sel, "rank"] == np.ceil(rho * r[sel]).astype(int)).all(), variant
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["edits"] == ["lowrank:0.5", "lowrank:0.25"] and cfg["layers"] == "core" and "code_version" in cfg
     spectra = pd.read_parquet(out / "spectra.parquet")
@@ -147,3 +152,30 @@ def test_bad_input_is_one_line_exit_2_nothing_written(argv, needle, tiny_config_
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr
     assert "Traceback" not in res.stderr and res.stdout == ""
     assert not out.exists()
+
+
+def test_rerun_does_no_edit_no_forward_pass_and_writes_identical_tables(tiny_config_path, folders, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A single CLI is a plan through the results store: the same command again reuses every finished run."""
+    from eval.evaluator import Evaluator
+    from interventions import registry
+    from interventions.lowrank import main
+
+    out = tmp_path / "lr"
+    argv = ["--rank-frac", "0.5", *_common(tiny_config_path, folders, out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    tables = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".csv", ".parquet")}
+    assert {"metrics.csv", "edits.csv", "gains.csv", "reliability.csv", "runs.csv", "spectra.csv"} <= set(tables)
+
+    def forbidden(*a, **k):
+        raise AssertionError("a re-run must not edit or evaluate")
+
+    monkeypatch.setattr(Evaluator, "run", forbidden)
+    monkeypatch.setattr(registry, "apply_edit", forbidden)
+    monkeypatch.setattr("interventions.runner.apply_edit", forbidden)
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "already finished: no edit and no forward pass" in printed and "toyid [id] top1" in printed
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".csv", ".parquet")} == tables
+    assert not [p for p in out.rglob(".*") if p.is_file()]  # no temp files left behind

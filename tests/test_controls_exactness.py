@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from interventions.controls.damping import gains_of
-from interventions.controls.noise import haar_orthonormal, haar_spectrum, row_permute, row_scales, sign_flip
+from interventions.controls.noise import haar_orthonormal, haar_spectrum, row_permute, sign_flip
 from interventions.controls.rotation import random_hadamard
 from interventions.controls.scale import bussgang_gain
 from interventions.registry import MatrixContext, apply_edit, parse_edit
+from spectral.gains import fp_basis_gains
+from spectral.nulls import row_scales
 from spectral.svd import SVDCache
 
 
@@ -35,12 +36,32 @@ def test_gain_transplant_plus_residual_is_the_quantized_matrix():
         assert torch.allclose(split, w_hat.double(), atol=1e-6 * w.abs().max().item()), q
 
 
+def test_gain_summaries_leave_out_directions_that_carry_no_gain():
+    # W with a (numerically) zero last singular value: σ_r ≤ σ₁·max(m, n)·eps(float32), so g_r is NaN (METHODS §4)
+    u, s, vh = torch.linalg.svd(_w().double(), full_matrices=False)
+    s[-1] = 0.0
+    w = ((u * s) @ vh).float()
+    w_hat = parse_edit("int3-ch").quantize(w)[0]
+    cache = SVDCache()
+    g = fp_basis_gains(MatrixContext("m", cache=cache).svd(w), w_hat)
+    assert torch.isnan(g[-1]) and torch.isfinite(g[:-1]).all()
+    fields = parse_edit("damping:gains,q=int3-ch").apply(w, MatrixContext("m", cache=cache)).fields
+    dec = g.numel() // 10
+    assert fields["gain_mean"] == pytest.approx(float(g[:-1].mean()), rel=1e-12)
+    assert fields["gain_tail"] == pytest.approx(float(g[-dec:-1].mean()), rel=1e-12)
+    assert fields["gain_head"] == pytest.approx(float(g[:dec].mean()), rel=1e-12)
+    assert fields["gain_min"] == pytest.approx(float(g[:-1].min()), rel=1e-12)
+    w_g = parse_edit("damping:gains,q=int3-ch")(w, MatrixContext("m", cache=cache))
+    w_r = parse_edit("damping:residual,q=int3-ch")(w, MatrixContext("m", cache=cache))
+    assert torch.allclose(w_g.double() + (w_r.double() - w.double()), w_hat.double(), atol=1e-6 * w.abs().max().item())
+
+
 def test_gains_agree_with_the_definition_computed_in_numpy():
     w = _w()
     w_hat = parse_edit("int3-ch").quantize(w)[0]
     u, s, vt = np.linalg.svd(w.double().numpy(), full_matrices=False)
     ref = np.array([u[:, i] @ w_hat.double().numpy() @ vt[i] / s[i] for i in range(len(s))])
-    g = gains_of(MatrixContext("m", cache=SVDCache()).svd(w), w_hat).numpy()
+    g = fp_basis_gains(MatrixContext("m", cache=SVDCache()).svd(w), w_hat).numpy()
     # singular vectors are defined up to a joint sign flip, which cancels in u_iᵀŴv_i
     assert np.allclose(g, ref, atol=1e-10)
 
@@ -107,9 +128,9 @@ def test_c1_group_scales_follow_groups_including_a_short_last_group():
 def test_c5_subtractive_dither_error_is_uniform_on_the_step():
     w = torch.randn(16, 8192, generator=_gen(5)) * 0.05
     q = parse_edit("int8-ch")
-    ctx = MatrixContext("m")
-    out = parse_edit("noise:c5,q=int8-ch")(w, ctx)
-    assert ctx.extra["quantizer_variant"] is True
+    res = parse_edit("noise:c5,q=int8-ch").apply(w, MatrixContext("m"))
+    out = res.weight
+    assert res.fields["quantizer_variant"] is True
     step = q.grid(w).step
     u = ((out - w) / step).double()
     inner = w.abs() < 0.9 * q.grid(w).hi  # no clipping away from the range ends
@@ -146,9 +167,9 @@ def test_random_rotations_are_orthogonal():
 
 def test_random_projection_has_the_requested_rank_and_is_a_projection_of_rows():
     w = _w()
-    ctx = MatrixContext("m")
-    out = parse_edit("randproj:rank=10")(w, ctx)
-    assert torch.linalg.matrix_rank(out.double(), rtol=1e-6).item() == 10 and ctx.extra["rank"] == 10
+    res = parse_edit("randproj:rank=10").apply(w, MatrixContext("m"))
+    out = res.weight
+    assert torch.linalg.matrix_rank(out.double(), rtol=1e-6).item() == 10 and res.fields["rank"] == 10
     again = parse_edit("randproj:rank=10")(out, MatrixContext("m"))  # same P: P Pᵀ is idempotent
     assert torch.allclose(again, out, atol=1e-6)
 
@@ -158,9 +179,8 @@ def test_bussgang_gain_and_scale_only():
     w_hat = parse_edit("int2-g64-mse").quantize(w)[0]
     a = float(np.sum(w.double().numpy() * w_hat.double().numpy()) / np.sum(w.double().numpy() ** 2))
     assert bussgang_gain(w, w_hat) == pytest.approx(a, rel=1e-12)
-    ctx = MatrixContext("m")
-    out = parse_edit("scale:q=int2-g64-mse")(w, ctx)
-    assert torch.allclose(out, (a * w.double()).float()) and ctx.extra["alpha_b"] == pytest.approx(a)
+    res = parse_edit("scale:q=int2-g64-mse").apply(w, MatrixContext("m"))
+    assert torch.allclose(res.weight, (a * w.double()).float()) and res.fields["alpha_b"] == pytest.approx(a)
 
 
 def test_tail_and_top_damping_touch_only_their_singular_values():

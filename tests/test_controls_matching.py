@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.cli import UserError
+from eval.errors import UserError
 from interventions.matching import bisect, capture_inputs
 from interventions.registry import MatrixContext, apply_edit, list_edits, parse_edit
 from spectral.selector import select
@@ -50,7 +50,10 @@ def test_m1_lowrank_is_the_smallest_rank_within_the_quantizer_error(tiny_clip):
     for r in rows:
         s = torch.linalg.svdvals(views[r["matrix"]].double())
         k, norm = r["rank"], s.norm().item()
-        tail = lambda j: s[j:].norm().item() / norm  # noqa: E731  δ of W_j
+
+        def tail(j: int, s: torch.Tensor = s, norm: float = norm) -> float:
+            return s[j:].norm().item() / norm
+
         assert r["match_discrete"] and tail(k) <= target[r["matrix"]] * (1 + 1e-9)
         assert k == 1 or tail(k - 1) > target[r["matrix"]]
         assert r["delta"] == pytest.approx(tail(k), rel=1e-4)
@@ -87,7 +90,8 @@ def test_m2_output_matching_hits_the_quantizers_output_distortion(tiny_clip, cal
         before = {v.name: v.get().clone() for v in views}
         ctxs = {v.name: MatrixContext(v.name, v, cache=cache, calib_inputs=calib[v.name]) for v in views}
         rows = apply_edit(m, _with(spec, f"q={QUANT},match=output"), "core", cache=cache, contexts=ctxs).rows
-        for r, v in zip(rows, views):
+        assert [r["matrix"] for r in rows] == [v.name for v in views], spec
+        for v in views:
             w0, x = before[v.name].double().numpy(), calib[v.name].double().numpy()
             target = np.linalg.norm((q.quantize(before[v.name])[0].double().numpy() - w0) @ x.T)
             achieved = np.linalg.norm((v.get().double().numpy() - w0) @ x.T)
@@ -99,33 +103,40 @@ def test_m3_stable_rank_matching(tiny_clip):
     views = select(weight_views(m), "name=visual.blocks.0.*")
     before = {v.name: v.get().clone() for v in views}
     rows = apply_edit(m, "lowrank:q=int3-ch,match=stable-rank", "name=visual.blocks.0.*", cache=SVDCache()).rows
-    sr = lambda w: (torch.linalg.svdvals(w.double()) ** 2).sum().item() / torch.linalg.svdvals(w.double())[0].item() ** 2  # noqa: E731
+
+    def sr(w: torch.Tensor) -> float:
+        s = torch.linalg.svdvals(w.double())
+        return (s**2).sum().item() / s[0].item() ** 2
+
     for r, v in zip(rows, views):
         target = sr(parse_edit("int3-ch").quantize(before[v.name])[0])
         s = torch.linalg.svdvals(before[v.name].double())
-        sr_k = lambda k: (s[:k] ** 2).sum().item() / s[0].item() ** 2  # noqa: E731
+
+        def sr_k(k: int, s: torch.Tensor = s) -> float:
+            return (s[:k] ** 2).sum().item() / s[0].item() ** 2
+
         assert r["match_target"] == pytest.approx(target, rel=1e-9)
         if r["match_reached"]:
             assert sr_k(r["rank"]) >= target and (r["rank"] == 1 or sr_k(r["rank"] - 1) < target)
         else:  # quantization raised the stable rank above W's own: no truncation can match it, and it says so
             assert r["rank"] == s.numel() and sr_k(s.numel()) < target
     w = before["visual.blocks.0.mlp.fc"]
-    ctx = MatrixContext("m", cache=SVDCache())
-    out = parse_edit("noise:c1,q=int3-ch,match=stable-rank")(w, ctx)
-    assert ctx.extra["match_reached"] and sr(out) == pytest.approx(ctx.extra["match_target"], rel=1e-3)
+    res = parse_edit("noise:c1,q=int3-ch,match=stable-rank").apply(w, MatrixContext("m", cache=SVDCache()))
+    assert res.fields["match_reached"] and sr(res.weight) == pytest.approx(res.fields["match_target"], rel=1e-3)
 
 
 def test_unreachable_target_is_reported_not_hidden():
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
-    ctx = MatrixContext("m", cache=SVDCache())
-    parse_edit("damping:tail@0.97,q=int2-ch")(w, ctx)  # one tail direction cannot carry 2-bit error
-    assert ctx.extra["match_reached"] is False and ctx.extra["match_value"] == 0.0 and ctx.extra["match_rel_err"] > 0.1
+    fields = parse_edit("damping:tail@0.97,q=int2-ch").apply(w, MatrixContext("m", cache=SVDCache())).fields
+    # one tail direction cannot carry 2-bit error
+    assert fields["match_reached"] is False and fields["match_value"] == 0.0 and fields["match_rel_err"] > 0.1
 
 
 def test_one_svd_per_matrix_however_many_controls_and_strengths(tiny_clip):
     cache = SVDCache()
     specs = [f"lowrank:{f}" for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
-    specs += ["lowrank", "damping:gains", "damping:residual", "damping:tikhonov", "damping:soft=0.1", "damping:tail", "topdamp"]
+    specs += ["lowrank", "damping:gains", "damping:residual", "damping:tikhonov", "damping:soft=0.1", "damping:tail",
+              "topdamp"]
     n = None
     for spec in specs:
         rows = apply_edit(copy.deepcopy(tiny_clip.model), spec, "core", cache=cache).rows
@@ -154,7 +165,7 @@ def test_bad_specs_and_criteria_are_one_line_user_errors():
 
 
 def test_every_example_spec_round_trips():
-    for prefix, examples in list_edits().items():
+    for examples in list_edits().values():
         for spec in examples:
             e = parse_edit(spec)
             assert str(parse_edit(str(e))) == str(e), (spec, str(e))

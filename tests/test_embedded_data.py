@@ -5,12 +5,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.cli import UserError
 from eval.datasets import ArrayImageDataset
 from eval.embedded import data as embedded_data
 from eval.embedded.data import EMBEDDED_DATASET_NAMES, embedded_datasets
-from eval.embedded.fmnist import (CALIBRATION_SIZE, CLASS_NAMES, FMNIST_DIR, TEMPLATES, TINT_COLORS, TRAIN_SIZE,
-                                  render_tints, sketch, tint, train_calibration_indices, training_tints)
+from eval.embedded.fmnist import (
+    CALIBRATION_SIZE,
+    CLASS_NAMES,
+    FMNIST_DIR,
+    TEMPLATES,
+    TINT_COLORS,
+    TRAIN_SIZE,
+    render_tints,
+    sketch,
+    tint,
+    train_calibration_indices,
+    training_tints,
+)
+from eval.errors import UserError
 
 EXPECTED = {  # name -> (role, size)
     "fmnist": ("id", 10000), "mnist": ("ood", 2000), "animal": ("ood", 2000), "textile": ("ood", 2000),
@@ -121,7 +132,8 @@ def test_arrays_are_read_only_and_sets_independent(sets):
     assert a.labels[0] != b.labels[0]
 
 
-@pytest.mark.skipif(not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="dataset-fashion-mnist not installed")
 def test_committed_fmnist_arrays_rebuild_identically():
     import importlib.util
     from pathlib import Path

@@ -2,13 +2,15 @@
 fp16 checkpoint loads strictly through `load_model`."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from eval.cli import UserError
 from eval.embedded.fmnist import TEMPLATES, render_tints, training_tints
-from eval.embedded.training import TrainConfig, caption_tokens, save_checkpoint, split_preprocess, pil_prepare, train
+from eval.embedded.training import TrainConfig, caption_tokens, pil_prepare, save_checkpoint, split_preprocess, train
+from eval.errors import UserError
 from eval.loading import load_model
 
 
@@ -23,6 +25,7 @@ def subset() -> tuple[np.ndarray, np.ndarray]:
 
 
 CFG = TrainConfig(epochs=6, batch_size=32, lr=2e-3, warmup_steps=5, seed=0)
+ONE_EPOCH = replace(CFG, epochs=1)
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +41,12 @@ def test_short_training_lowers_the_loss(trained):
 
 
 def test_training_is_deterministic(subset, tiny_config_path, trained):
-    again = train(*subset, tiny_config_path, TrainConfig(epochs=1, batch_size=32, lr=2e-3, warmup_steps=5, seed=0), log_every=8)
-    first = train(*subset, tiny_config_path, TrainConfig(epochs=1, batch_size=32, lr=2e-3, warmup_steps=5, seed=0), log_every=8)
+    again = train(*subset, tiny_config_path, ONE_EPOCH, log_every=8)
+    first = train(*subset, tiny_config_path, ONE_EPOCH, log_every=8)
     assert again.losses == first.losses
     for (k, a), (_, b) in zip(again.model.state_dict().items(), first.model.state_dict().items()):
         assert torch.equal(a, b), k
-    other = train(*subset, tiny_config_path, TrainConfig(epochs=1, batch_size=32, lr=2e-3, warmup_steps=5, seed=1), log_every=8)
+    other = train(*subset, tiny_config_path, replace(ONE_EPOCH, seed=1), log_every=8)
     assert other.losses != first.losses
 
 

@@ -9,8 +9,8 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 
 from eval import adapters
-from eval.cli import UserError
 from eval.dataset_specs import load_datasets
+from eval.errors import UserError
 
 TENCH, GOLDFISH, TISSUE = "n01440764", "n01443537", "n15075141"  # ImageNet classes 0, 1, 999
 

@@ -11,8 +11,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torchmetrics.classification import MulticlassCalibrationError
 
-from eval.cli import UserError
 from eval.datasets import ArrayImageDataset
+from eval.errors import UserError
 from eval.evaluator import Evaluator
 from eval.metrics.ood import msp_score
 from eval.metrics.table import metrics_table
@@ -209,3 +209,15 @@ def test_bad_configuration_is_a_user_error(tiny_clip):
         Evaluator.from_loaded(tiny_clip, sets, templates="nope", progress=False)
     with pytest.raises(UserError, match="variant"):
         Evaluator.from_loaded(tiny_clip, sets[:1], noise_severities=(), progress=False).run("a/b", tiny_clip.model)
+
+
+def test_forget_releases_everything_held_for_a_variant(tiny_clip):
+    """A long sweep keeps its outputs in the store: after `forget` the evaluator holds nothing of the variant."""
+    ev = make_eval(tiny_clip, noise_severities=(0.1,))
+    ev.run("fp", tiny_clip.model)
+    ev.run("v", perturbed(tiny_clip.model, "vision"))
+    held = (ev._outputs, ev._per_variant, ev._reliability, ev._noise_errs)
+    assert all("v" in d for d in held)
+    ev.forget("v")
+    assert not any("v" in d for d in held) and all("fp" in d for d in held)
+    assert set(ev.metrics()["variant"]) == {"fp"}

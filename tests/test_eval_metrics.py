@@ -53,13 +53,58 @@ def test_confidence_exactly_one_goes_to_last_bin_not_torchmetrics_extra_bin():
     b = np.minimum(np.floor(conf * 15).astype(int), 14)
     hand = sum((b == i).mean() * abs(hit[b == i].mean() - conf[b == i].mean()) for i in range(15) if (b == i).any())
     assert cal.ece(conf, hit) == pytest.approx(hand, abs=1e-12)
-    assert cal.bin_index(np.array([0.0, 1 / 15, 14 / 15, 1.0])).tolist() == [0, 1, 14, 14]
+    assert cal.ece_bin_index(np.array([0.0, 1 / 15, 14 / 15, 1.0])).tolist() == [0, 1, 14, 14]
     tm = MulticlassCalibrationError(num_classes=k, n_bins=15, norm="l1")
     moved = probs.astype(np.float32)
     moved[:120] *= np.float32(1 - 2 ** -24)  # the same confidences nudged just below 1.0 land in torchmetrics' bin 14
     assert cal.ece(conf, hit) == pytest.approx(float(tm(torch.from_numpy(moved), torch.from_numpy(labels))), abs=1e-6)
     raw = float(MulticlassCalibrationError(num_classes=k, n_bins=15, norm="l1")(torch.from_numpy(probs.astype(np.float32)), torch.from_numpy(labels)))
     assert abs(raw - cal.ece(conf, hit)) > 1e-3  # torchmetrics' extra 16th bin for exactly 1.0 (documented difference)
+
+
+def test_ece_bin_index_is_the_floor_rule_on_every_edge():
+    edges = np.arange(16) / 15  # k/15 in float64, incl. 0.2 = 3/15, 1/3 = 5/15 and 1.0
+    assert cal.ece_bin_index(edges).tolist() == list(range(15)) + [14]
+    below = np.nextafter(edges[1:], 0.0)
+    assert cal.ece_bin_index(below).tolist() == list(range(15))
+    rng = np.random.default_rng(0)
+    c = rng.random(10_000)
+    assert np.array_equal(cal.ece_bin_index(c), np.minimum(np.floor(15 * c), 14).astype(int))
+
+
+def test_ece_with_a_confidence_on_a_bin_edge_is_the_same_in_metrics_csv_and_the_figure():
+    """Confidences exactly 0.2 = 3/15 (five equal logits) open bin 3 = [0.2, 0.267), sharing it with 0.25.
+
+    By hand (N = 25): bin 3 holds 10 rows at 0.2 (1 right) and 10 at 0.25 (all right): conf 0.225, acc 0.55,
+    gap 0.325, weight 0.8; bin 14 holds 5 rows at 1.0 (3 right): gap 0.4, weight 0.2. ECE = 0.26 + 0.08 = 0.34.
+    The old figure rule (lo, hi] put the 0.2 rows in bin 2 instead (ECE 0.04 + 0.3 + 0.08 = 0.42), as does
+    torchmetrics (float32 edge 0.20000001788; 1.0 in its own 16th bin, alone here so it costs nothing).
+    """
+    from eval.metrics.table import variant_metrics
+    from eval.stats import ECE
+    from figures.reliability import ece_from_bins, reliability_data
+
+    k = 5
+    logits = np.zeros((25, k), dtype=np.float32)
+    logits[10:20, 4] = -np.inf  # four equal classes left: confidence exactly 0.25
+    logits[20:, 0] = 50.0  # confidence 1/(1 + 4e^-50) = 1.0 exactly in float64
+    labels = np.array([0] + [1] * 9 + [0] * 10 + [0, 0, 0, 1, 1])
+    conf, hit = confidences(logits), correctness(logits, labels)
+    assert (conf[:10] == 0.2).all() and (conf[10:20] == 0.25).all() and (conf[20:] == 1.0).all()
+    hand = 0.8 * abs(0.55 - 0.225) + 0.2 * abs(0.6 - 1.0)
+    assert hand == pytest.approx(0.34, abs=1e-15)
+
+    out = SampleOutputs(dataset="edge", role="id", logits=logits, labels=labels, ids=np.arange(25), logit_scale=1.0)
+    m = variant_metrics("fp", {"edge": out})
+    csv_ece = float(m.loc[m["metric"] == "ece", "value"].item())
+    fig = reliability_data({"fp": (logits, labels)}, {"fp": "fp"})
+    assert fig.loc[fig["bin"] == 3, "count"].item() == 20 and fig.loc[fig["bin"] == 2, "count"].item() == 0
+    assert csv_ece == pytest.approx(hand, abs=1e-12)
+    assert ece_from_bins(fig) == pytest.approx(csv_ece, abs=1e-15)
+    assert ECE(conf, hit) == pytest.approx(csv_ece, abs=1e-15)  # the bootstrap's ECE (eval.stats) agrees too
+    tm = MulticlassCalibrationError(num_classes=k, n_bins=15, norm="l1")
+    probs = torch.softmax(torch.from_numpy(logits), dim=1)
+    assert float(tm(probs, torch.from_numpy(labels))) == pytest.approx(0.42, abs=1e-6)  # the documented difference
 
 
 def test_perfectly_calibrated_has_near_zero_ece():
@@ -123,6 +168,28 @@ def test_detection_metrics_match_sklearn(seed):
     assert auroc(sid, sood) == pytest.approx(roc_auc_score(y, s), abs=1e-9)
     assert aupr_in(sid, sood) == pytest.approx(average_precision_score(y, s), abs=1e-9)
     assert aupr_out(sid, sood) == pytest.approx(average_precision_score(1 - y, -s), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auroc_and_fpr95_on_count_matrices_equal_the_expanded_samples(seed):
+    """The one AUROC/FPR95 implementation on weighted copies equals sklearn / np.percentile on the expanded data."""
+    from eval.metrics.ood import auroc_counts, auroc_state, fpr95_counts, fpr95_state
+
+    rng = np.random.default_rng(seed)
+    n_id, n_ood = 60, 45
+    score = np.round(np.r_[rng.normal(1.0, 1.0, n_id), rng.normal(0.0, 1.0, n_ood)], 1)  # ties
+    pos = np.arange(n_id + n_ood) < n_id
+    counts = rng.integers(0, 3, size=(6, n_id + n_ood)).astype(np.float64)
+    counts[:, 0] = counts[:, -1] = 1  # at least one ID and one OOD sample per copy
+    got_auc = auroc_counts(auroc_state(score, pos), counts)
+    got_fpr = fpr95_counts(fpr95_state(score, pos), counts)
+    for row, a, f in zip(counts, got_auc, got_fpr):
+        rep = np.repeat(np.arange(score.size), row.astype(int))
+        s, p = score[rep], pos[rep]
+        assert a == pytest.approx(roc_auc_score(p, s), abs=1e-12)
+        assert f == float(np.mean(s[~p] >= np.percentile(s[p], 5)))
+    assert auroc(score[pos], score[~pos]) == pytest.approx(roc_auc_score(pos, score), abs=1e-12)
+    assert fpr_at_95_tpr(score[pos], score[~pos]) == float(np.mean(score[~pos] >= np.percentile(score[pos], 5)))
 
 
 def test_constant_scores_and_fpr95_by_hand():

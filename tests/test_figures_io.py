@@ -7,12 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eval.cli import UserError
+from eval.errors import UserError
 from figures.io import Results, infer_family
 from figures.ood import auroc, sample_scores
 from figures.reliability import ece_from_bins, reliability_bins
-from figures.style import (DPI, FAMILIES, MARKERS, PALETTE, WIDTHS_IN, canonical_family, family_color, new_figure,
-                           render)
+from figures.style import DPI, FAMILIES, MARKERS, PALETTE, WIDTHS_IN, canonical_family, family_color, new_figure, render
 from tests.figures_synthetic import cached_results, derive
 
 
@@ -171,8 +170,8 @@ def test_ece_matches_torchmetrics_and_eval_metrics():
     assert ours == pytest.approx(eval_ece(p.max(1), p.argmax(1) == labels), abs=1e-12)
     assert bins["count"].sum() == n
     used = bins["count"] > 0
-    assert ((bins.loc[used, "confidence"] > bins.loc[used, "lo"] - 1e-12)
-            & (bins.loc[used, "confidence"] <= bins.loc[used, "hi"] + 1e-12)).all()
+    assert ((bins.loc[used, "confidence"] >= bins.loc[used, "lo"])  # bins [lo, hi), the last closed (METHODS §5)
+            & ((bins.loc[used, "confidence"] < bins.loc[used, "hi"]) | (bins.loc[used, "hi"] == 1.0))).all()
 
 
 def test_ood_labels_are_left_out_of_reliability_bins():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from eval.cli import UserError
+from eval.errors import UserError
 from eval.hashing import named_tensors_hash
 from eval.loading import load_model
 

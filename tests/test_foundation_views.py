@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from eval.cli import UserError
+from eval.errors import UserError
 from spectral.selector import parse_selector, select
 from spectral.views import CORE_KINDS, coverage, weight_views
 

@@ -6,10 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from eval.cli import UserError
 from eval.datasets import ArrayImageDataset
+from eval.errors import UserError
 from interventions.actquant import (
-    SEED_SETTINGS, ActQuantConfig, attach_activation_quant, calibration_images, fake_quant_act, parse_act_spec,
+    SEED_SETTINGS,
+    ActQuantConfig,
+    attach_activation_quant,
+    calibration_images,
+    fake_quant_act,
+    parse_act_spec,
     quantize_activations,
 )
 from interventions.registry import apply_edit
@@ -135,7 +140,8 @@ def test_calibration_uses_only_calibration_images(tiny_clip):
     hook = fc.register_forward_pre_hook(lambda _m, args: captured.append(args[0].clone()))
     model.encode_image(images)
     hook.remove()
-    handle = quantize_activations(model, "a8", "vision-only", images=images, image_ids=ids, test_ids=test.ids, batch_size=2)
+    handle = quantize_activations(model, "a8", "vision-only", images=images, image_ids=ids, test_ids=test.ids,
+                                  batch_size=2)
     site = handle.sites["visual.transformer.resblocks.1.mlp.c_fc"]
     assert site.absmax == pytest.approx(float(captured[0].abs().max()), rel=1e-6)
     assert site.n_batches == 3 and site.n_values == captured[0].numel()
@@ -157,7 +163,8 @@ def test_ema_observer_and_missing_ranges(tiny_clip):
     hook = fc.register_forward_pre_hook(lambda _m, args: captured.append(float(args[0].abs().max())))
     model.encode_image(images[:2]), model.encode_image(images[2:])
     hook.remove()
-    handle = quantize_activations(model, ActQuantConfig(bits=8, observer="ema"), "tower=visual;kind=fc", images=images, batch_size=2)
+    handle = quantize_activations(model, ActQuantConfig(bits=8, observer="ema"), "tower=visual;kind=fc", images=images,
+                                  batch_size=2)
     ema = handle.sites["visual.transformer.resblocks.0.mlp.c_fc"].absmax
     assert ema == pytest.approx(0.9 * captured[0] + 0.1 * captured[1], rel=1e-6)
     handle.remove()
@@ -196,9 +203,10 @@ def test_mha_reimplementation_matches_torch_on_any_module(batch_first):
     x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
     pad = torch.tensor([[False, False, False, True, True], [False] * 5])
     causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)
-    cases = [dict(need_weights=True), dict(need_weights=False, attn_mask=causal), dict(key_padding_mask=pad, need_weights=True),
-             dict(attn_mask=causal.float().masked_fill(causal, float("-inf")), key_padding_mask=pad.float().masked_fill(pad, float("-inf")),
-                  average_attn_weights=False)]
+    cases = [dict(need_weights=True), dict(need_weights=False, attn_mask=causal),
+             dict(key_padding_mask=pad, need_weights=True),
+             dict(attn_mask=causal.float().masked_fill(causal, float("-inf")),
+                  key_padding_mask=pad.float().masked_fill(pad, float("-inf")), average_attn_weights=False)]
     refs = [model(x, **kw) for kw in cases]
     handle = attach_activation_quant(model, "a8", "core")
     assert {s.kind for s in handle.sites.values()} == {"mha_in", "mha_out", "linear"}

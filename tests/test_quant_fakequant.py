@@ -45,7 +45,8 @@ def ref_rtn_numpy(w: np.ndarray, bits: int, symmetric: bool, a: float = 1.0) -> 
     return step * (np.clip(np.round(w / step) + z, 0, levels) - z)
 
 
-@pytest.mark.parametrize("spec", ["int8-ch", "int4-ch", "int3-g64-asym", "int4-t", "int2-g32", "int5-g128-asym", "int4-ch-a0.8"])
+@pytest.mark.parametrize("spec", ["int8-ch", "int4-ch", "int3-g64-asym", "int4-t", "int2-g32", "int5-g128-asym",
+                                  "int4-ch-a0.8"])
 def test_rtn_matches_reference_formula(spec):
     w = heavy(24, 300)  # 300 = 2·128 + 44: a short last group for g128, 4·64 + 44 for g64
     quant = parse_quantizer(spec)
@@ -56,7 +57,8 @@ def test_rtn_matches_reference_formula(spec):
             np.testing.assert_allclose(qrow.numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec,symmetric", [("int8-ch", True), ("int8-g64", True), ("int7-ch-asym", False), ("int8-t", True)])
+@pytest.mark.parametrize("spec,symmetric", [("int8-ch", True), ("int8-g64", True), ("int7-ch-asym", False),
+                                            ("int8-t", True)])
 def test_error_variance_is_step_squared_over_12(spec, symmetric):
     w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(1))
     q, grid = parse_quantizer(spec).quantize(w)
@@ -142,10 +144,12 @@ def test_percentile_range_uses_numpy_quantile():
         ref = np.quantile(w.abs().double().numpy(), p, axis=1)
         np.testing.assert_allclose(grid.hi[:, 0].numpy(), ref, rtol=1e-5)
         _, grid = IntQuantizer(bits=8, range="percentile", p=p, symmetric=False).quantize(w)
-        np.testing.assert_allclose(grid.lo[:, 0].numpy(), np.minimum(np.quantile(w.double().numpy(), 1 - p, axis=1), 0), rtol=1e-5)
+        lo = np.minimum(np.quantile(w.double().numpy(), 1 - p, axis=1), 0)
+        np.testing.assert_allclose(grid.lo[:, 0].numpy(), lo, rtol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["int4-ch-mse", "int4-g128-mse", "int3-g64-mse", "int2-g64-mse", "int3-ch-mse-asym", "int4-t-mse"])
+@pytest.mark.parametrize("spec", ["int4-ch-mse", "int4-g128-mse", "int3-g64-mse", "int2-g64-mse", "int3-ch-mse-asym",
+                                  "int4-t-mse"])
 def test_mse_search_is_the_grid_argmin_and_never_worse_than_minmax(spec):
     w = heavy(24, 300)
     quant = parse_quantizer(spec)
@@ -154,7 +158,8 @@ def test_mse_search_is_the_grid_argmin_and_never_worse_than_minmax(spec):
     assert minmax.range == "minmax" and minmax.clip == 1.0 and str(minmax) == spec.replace("-mse", "")
 
     def set_errors(q):
-        return torch.cat([(qs.double() - ws.double()).pow(2).sum(1) for qs, ws in zip(sets_of(q, quant), sets_of(w, quant))])
+        pairs = zip(sets_of(q, quant), sets_of(w, quant))
+        return torch.cat([(qs.double() - ws.double()).pow(2).sum(1) for qs, ws in pairs])
 
     err_mse = set_errors(q_mse)
     err_mm = set_errors(minmax.quantize(w)[0])
@@ -196,7 +201,8 @@ def test_group_short_last_group_is_documented_behaviour():
     assert torch.equal(grid.hi[:, 192:], grid.hi[:, 199:200].expand(-1, 8))  # one range for the tail group
     # a width below g is one short group per row = per channel
     small = heavy(6, 40)
-    torch.testing.assert_close(parse_quantizer("int4-g128").quantize(small)[0], parse_quantizer("int4-ch").quantize(small)[0], rtol=0, atol=0)
+    torch.testing.assert_close(parse_quantizer("int4-g128").quantize(small)[0],
+                               parse_quantizer("int4-ch").quantize(small)[0], rtol=0, atol=0)
 
 
 def test_granularity_statistics_sets():
@@ -219,7 +225,8 @@ def test_zero_matrix_is_guarded():
 
 # ------------------------------------------------------------------------------------------- code books
 def test_nf4_levels_match_methods_and_output_on_levels():
-    methods = [-1, -.6962, -.5251, -.3949, -.2844, -.1848, -.0911, 0, .0796, .1609, .2461, .3379, .4407, .5626, .7230, 1]
+    methods = [-1, -.6962, -.5251, -.3949, -.2844, -.1848, -.0911, 0,
+               .0796, .1609, .2461, .3379, .4407, .5626, .7230, 1]
     np.testing.assert_allclose(fq.NF4_LEVELS, methods, atol=5e-5)
     w = heavy(10, 256)
     q, grid = CodebookQuantizer("nf4").quantize(w)

@@ -8,10 +8,10 @@ import pytest
 import scipy.linalg
 import torch
 
-from spectral.compare import N_DECILES, compare_matrices, gain_profile, overlap_rank, subspace_cosines, tail_indices
+from spectral.compare import compare_matrices, overlap_rank, subspace_cosines, tail_indices
+from spectral.gains import N_DECILES, decile_index, fp_basis_gains
 from spectral.nulls import matrix_generator, mp_edges, per_row_noise
 from spectral.svd import SVDCache
-
 
 
 def _w(m: int = 60, n: int = 90, seed: int = 0) -> torch.Tensor:
@@ -133,9 +133,39 @@ def test_tail_null_sd_matches_monte_carlo():
     c = compare_matrices(w, w + e, factors=f, n_null=1, n_null_svd=0)
     tail = tail_indices(30)
     gen = matrix_generator("mc", 0)
-    draws = [float(gain_profile(f, w + per_row_noise(e, gen))[tail].mean()) for _ in range(400)]
+    draws = [float(fp_basis_gains(f, w + per_row_noise(e, gen))[tail].mean()) for _ in range(400)]
     assert np.mean(draws) == pytest.approx(1.0, abs=3 * c.row["tail_gain_null_sd"] / math.sqrt(400) + 1e-3)
     assert np.std(draws) == pytest.approx(c.row["tail_gain_null_sd"], rel=0.12)
+
+
+def test_gain_deciles_follow_the_floor_rule_not_tensor_split():
+    """r = 45: decile j holds 0-based i with ⌊10i/45⌋ = j − 1 (sizes 5,4,5,4,5,4,5,4,5,4); a ramp of gains shows it."""
+    w = _w(45, 60, seed=3)
+    f = SVDCache().factors(w)
+    r = 45
+    ramp = torch.arange(r, dtype=torch.float64) / r + 0.5
+    c = compare_matrices(w, f.U @ torch.diag(f.S * ramp) @ f.Vh, factors=f)
+    idx = decile_index(r)
+    assert torch.bincount(idx).tolist() == [5, 4, 5, 4, 5, 4, 5, 4, 5, 4]  # tensor_split: 5×5 then 4×5
+    for j in range(1, N_DECILES + 1):
+        assert c.row[f"gain_d{j}"] == pytest.approx(float(ramp[idx == j - 1].mean()), abs=1e-9)
+    assert c.row["gain_d3"] != pytest.approx(float(torch.tensor_split(ramp, 10)[2].mean()), abs=1e-6)
+    assert c.row["gain_excluded"] == 0
+
+
+def test_directions_below_the_float32_tolerance_carry_no_gain():
+    """σ_i ≤ σ₁·max(m, n)·eps32 (here a rank-40 matrix stored in float32): NaN gain, skipped and counted."""
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randn(50, 40, generator=g) @ torch.randn(40, 70, generator=g)).float()  # r = 50, rank 40
+    f = SVDCache().factors(w)
+    c = compare_matrices(w, 0.8 * w, factors=f, n_null=2)
+    assert int(torch.isnan(c.gain).sum()) == 10 and c.row["gain_excluded"] == 10
+    torch.testing.assert_close(c.gain[:40], torch.full((40,), 0.8, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert c.row["gain_d8"] == pytest.approx(0.8, abs=1e-6)
+    assert math.isnan(c.row["gain_d9"]) and math.isnan(c.row["gain_d10"])  # i = 41–50 excluded
+    assert c.row["tail_gain"] == pytest.approx(0.8, abs=1e-6) and math.isfinite(c.row["tail_gain_null"])
+    ident = compare_matrices(w, w.clone(), factors=f)
+    assert ident.row["gain_excluded"] == 10 and math.isnan(ident.row["gain_d10"]) and ident.row["gain_d1"] == 1.0
 
 
 def test_shape_mismatch_is_an_error():

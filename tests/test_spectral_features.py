@@ -11,7 +11,6 @@ from sklearn.decomposition import PCA
 from spectral.features import feature_sqnr_by_rank
 
 
-
 def _features(n: int = 400, d: int = 24, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     scales = torch.logspace(1, -1, d, dtype=torch.float64)

@@ -13,7 +13,6 @@ from spectral.powerlaw import bootstrap_alpha, fit_esd, fit_powerlaw
 from spectral.svd import SVDCache
 
 
-
 def _haar(n: int, k: int, seed: int) -> torch.Tensor:
     q, r = torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r))
@@ -106,5 +105,8 @@ def test_powerlaw_unfit_when_too_few_values_and_bootstrap_brackets_truth():
     rng = np.random.default_rng(1)
     lam = (1 - rng.random(600)) ** (-1 / 2.0)  # α = 3
     boot = bootstrap_alpha(torch.from_numpy(np.sqrt(lam)), n_boot=60, seed=0)
-    assert boot.n_boot == 60 and boot.sd > 0
-    assert boot.lo < 3.0 < boot.hi or abs(boot.alpha - 3.0) < 0.3
+    assert boot.n_boot == 60
+    assert boot.lo < 3.0 < boot.hi  # the 95 % CI covers the planted exponent (20/20 datasets did when checked)
+    assert boot.lo <= boot.alpha <= boot.hi
+    # spread: the MLE's asymptotic SD (α − 1)/√n_tail ≈ 0.082 at n_tail ≈ 600, inflated by refitting λ_min
+    assert 0.06 < boot.sd < 0.2 and boot.hi - boot.lo < 0.8

@@ -12,7 +12,6 @@ from spectral.nulls import ks_distance, matrix_generator, mp_edges, per_row_nois
 from spectral.svd import SVDCache
 
 
-
 @pytest.mark.parametrize("dist", ["gaussian", "uniform"])
 def test_mp_edges_of_iid_noise(dist):
     m, n, s = 300, 1200, 0.7
@@ -88,3 +87,36 @@ def test_ks_distance_matches_scipy():
     ref = scipy.stats.ks_2samp(a.numpy(), b.numpy()).statistic
     assert ks_distance(a, b) == pytest.approx(ref, abs=1e-12)
     assert ks_distance(a, a) == 0.0
+
+
+def test_row_scales_per_row_and_per_group_with_a_short_last_group():
+    e = torch.cat([torch.full((2, 4), 1.0), torch.full((2, 4), 3.0), torch.tensor([[4.0, 0.0], [0.0, 0.0]])], 1)
+    per_row = row_scales(e)
+    assert per_row.shape == e.shape and torch.equal(per_row[:, 0], e.pow(2).mean(dim=1).sqrt())
+    assert torch.equal(per_row, per_row[:, :1].expand_as(e))
+    s = row_scales(e, 4)
+    assert torch.equal(s[:, :4], torch.ones(2, 4)) and torch.equal(s[:, 4:8], torch.full((2, 4), 3.0))
+    assert torch.equal(s[:, 8:], torch.tensor([[math.sqrt(8.0)] * 2, [0.0, 0.0]]))  # short group: RMS of 2 values
+    assert torch.equal(row_scales(e, 10), per_row) and torch.equal(row_scales(e, 100), per_row)
+    assert row_scales(e.double(), 4).dtype == torch.float64 and s.dtype == torch.float32
+    with pytest.raises(ValueError):
+        row_scales(e, 0)
+    g = torch.randn(5, 300, generator=torch.Generator().manual_seed(2))
+    ref = torch.cat([g[:, i:i + 128].pow(2).mean(1, keepdim=True).sqrt().expand(5, min(128, 300 - i))
+                     for i in range(0, 300, 128)], 1)
+    assert torch.equal(row_scales(g, 128), ref)
+
+
+def test_matrix_generator_streams_are_fixed_by_name_seed_salt():
+    a = torch.randn(8, generator=matrix_generator("blocks.0.attn", 3, "c1-null"))
+    b = torch.randn(8, generator=matrix_generator("blocks.0.attn", 3, "c1-null", device="cpu"))
+    assert torch.equal(a, b)
+    import hashlib
+
+    digest = hashlib.blake2b(b"blocks.0.attn|3|c1-null", digest_size=8).digest()
+    ref = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    assert torch.equal(a, torch.randn(8, generator=ref))
+    assert not torch.equal(a, torch.randn(8, generator=matrix_generator("blocks.0.attn", 3, "")))
+    if torch.cuda.is_available():
+        gen = matrix_generator("blocks.0.attn", 3, "c1-null", device="cuda")
+        assert gen.device.type == "cuda" and gen.initial_seed() == ref.initial_seed()

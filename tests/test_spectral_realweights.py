@@ -24,7 +24,6 @@ from spectral.report import analyse_matrices, analyse_model
 from spectral.svd import SVDCache
 
 
-
 @pytest.fixture(scope="module")
 def minilm():
     try:

@@ -15,7 +15,6 @@ from spectral.__main__ import main
 from spectral.report import COLUMNS, FP, analyse_matrices, analyse_model, tower_summary
 from spectral.svd import SVDCache
 
-
 CONTRACT = (
     "variant matrix tower kind block m n r fro spec stable_rank effective_rank nrank_eps nrank_1e-3 nrank_1e-2 "
     "energy_top1 energy_top5 energy_top10 energy_top25 energy_top50 alpha lambda_min n_tail ks_d"
@@ -168,7 +167,7 @@ def test_analyse_matrices_on_bare_tensors():
 
 def test_cli_with_a_registered_quantizer(tiny_config_path, tmp_path, capsys):
     """With the real quantizers registered: per-channel int8 leaves the gain profile at 1, within the noise null."""
-    from eval.cli import UserError
+    from eval.errors import UserError
     from interventions.registry import parse_edit
 
     try:

@@ -7,10 +7,16 @@ import pytest
 import torch
 
 from spectral.svd import (
-    DEFAULT_CACHE, SVDBackend, SVDCache, SVDFactors, SVDFallbackWarning, _gram_backend, default_backends,
-    singular_values, svd_factors,
+    DEFAULT_CACHE,
+    SVDBackend,
+    SVDCache,
+    SVDFactors,
+    SVDFallbackWarning,
+    _gram_backend,
+    default_backends,
+    singular_values,
+    svd_factors,
 )
-
 
 
 def _rand(m: int, n: int, seed: int = 0) -> torch.Tensor:

@@ -19,8 +19,10 @@ import pytest
 import torch
 
 from interventions import store as store_mod
+from interventions.grid import Grid, expand, load_grid
+from interventions.runner import plan, run_plan
+from interventions.session import Session
 from interventions.store import Shard
-from interventions.sweep import Grid, Session, expand, load_grid, plan, run_sweep
 
 VERSION = "test-pinned"
 
@@ -87,11 +89,11 @@ def test_grid_expansion_collapses_seed_and_match(tiny_config_path):
 def test_sigkill_part_way_then_resume_equals_uninterrupted(tmp_path, grid_file, pinned_version):
     grid = load_grid(grid_file)
     session = Session(grid)
-    keys = [k for k, _, _ in plan(grid, session)]
+    keys = [t.key for t in plan(session)]
     assert len(keys) == 11  # fp + 2 quantizers × (itself, lowrank, 2 noise seeds, scale)
 
     ref = tmp_path / "ref"
-    summary = run_sweep(grid, ref, session=session, progress=False)
+    summary = run_plan(session, ref, progress=False, verbose=False)
     assert summary.ran == 11 and summary.skipped == 0
 
     out = tmp_path / "killed"
@@ -113,7 +115,7 @@ def test_sigkill_part_way_then_resume_equals_uninterrupted(tmp_path, grid_file, 
     _assert_clean(out, keys)
     _assert_same_tables(out, ref)
 
-    again = run_sweep(grid, out, session=session, progress=False)  # a third pass does nothing
+    again = run_plan(session, out, progress=False, verbose=False)  # a third pass does nothing
     assert again.ran == 0 and again.skipped == 11
     _assert_same_tables(out, ref)
 
@@ -122,14 +124,14 @@ def test_shards_in_any_order_give_identical_tables(tmp_path, grid_file, pinned_v
     grid = load_grid(grid_file).replace(quant=("int8-ch",), controls=("none", "scale", "noise:c1"))
     session = Session(grid)
     ref = tmp_path / "ref"
-    run_sweep(grid, ref, session=session, progress=False)
+    run_plan(session, ref, progress=False, verbose=False)
     sharded = tmp_path / "sharded"
     mine = []
     for i in (3, 1, 2):
-        s = run_sweep(grid, sharded, Shard(i, 3), session=session, progress=False)
+        s = run_plan(session, sharded, Shard(i, 3), progress=False, verbose=False)
         mine.append(s.mine)
     assert sum(mine) == s.total and s.ran == mine[-1]
-    _assert_clean(sharded, [k for k, _, _ in plan(grid, session)])
+    _assert_clean(sharded, [t.key for t in plan(session)])
     _assert_same_tables(sharded, ref)
 
 

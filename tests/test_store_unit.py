@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eval.cli import UserError
+from eval.errors import UserError
 from interventions.store import ResultsStore, RunResult, Shard, canonical_json, run_key
 
 
@@ -52,7 +52,7 @@ def test_publish_roundtrip_and_skip(tmp_path):
     assert run.array_paths() == ["samples/v/d"]
     assert run.config["seed"] == 0 and run.config["key"] == run.key
     assert (run.path / "tables" / "metrics.csv").is_file()
-    assert not any((tmp_path / ".tmp").iterdir())
+    assert not (tmp_path / ".tmp").exists()  # the staging folder goes once nothing is being written
 
     calls = []
     again, computed = store.get_or_run(cfg, lambda: calls.append(1) or _result(1))
@@ -129,3 +129,30 @@ def test_sigkill_during_publish_leaves_no_run_and_is_cleaned(tmp_path):
     assert len(list(tmp_dir.iterdir())) == 1  # the half-written run is there ...
     assert store.keys() == [] and not store.is_done(run_key({"k": 1}))  # ... but not published
     assert len(store.clean_stale()) == 1 and not any(tmp_dir.iterdir())
+
+
+def test_one_seeds_rule_in_every_command():
+    """`--seeds N` is N seeds 0..N−1 everywhere; a list gives those seeds; `--seed S` is one seed."""
+    from eval.errors import UserError
+    from interventions.grid import parse_seed, parse_seeds
+
+    assert parse_seeds("5") == (0, 1, 2, 3, 4) and parse_seeds(3) == (0, 1, 2)
+    assert parse_seeds("0,3,7") == (0, 3, 7) and parse_seeds([2, 5]) == (2, 5) and parse_seeds("4,") == (4,)
+    assert parse_seed("5") == (5,)
+    for bad in ("0", "-1", "x", "1.5", "2,2", [], [1.5]):
+        with pytest.raises(UserError):
+            parse_seeds(bad)
+    with pytest.raises(UserError):
+        parse_seed("-1")
+
+
+def test_temperature_is_a_model_edit_in_the_one_registry():
+    """e5 is parsed and listed by the edit registry like every edit and dispatched by its type, not its name."""
+    from interventions.registry import Edit, ModelEdit, list_edits, parse_edit
+    from interventions.runner import edit_model
+
+    e = parse_edit("temperature:q=int8-ch")
+    assert isinstance(e, ModelEdit) and not isinstance(e, Edit) and str(e) == "temperature:q=int8-ch"
+    assert e.requires() == ("int8-ch",) and "temperature" in list_edits()
+    assert edit_model.dispatch(type(e)) is edit_model.registry[ModelEdit]
+    assert edit_model.dispatch(type(parse_edit("lowrank:0.5"))) is edit_model.registry[Edit]

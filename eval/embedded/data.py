@@ -7,21 +7,21 @@ deterministically from the stored Fashion-MNIST test arrays at load time.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from eval.cli import UserError
 from eval.datasets import ArrayImageDataset, ImageDataset
 from eval.embedded import EMBEDDED_DIR
 from eval.embedded.fmnist import CLASS_NAMES, TEMPLATES, TINT_COLORS, sketch, tint
+from eval.errors import UserError
 
 DATA_DIR = EMBEDDED_DIR / "data"
 SPURIOUS_GROUPS = ("aligned", "conflicting")  # group = 2·label + (tint ≠ label)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _arrays(stem: str) -> dict[str, np.ndarray]:
     """The arrays of one npz file, read once per process and made read-only."""
     path = DATA_DIR / f"{stem}.npz"
@@ -55,8 +55,10 @@ def fmnist_test() -> ArrayImageDataset:
 def fmnist_calibration() -> ArrayImageDataset:
     """Calibration: 2000 Fashion-MNIST TRAIN images held out from training (never test images)."""
     a = _arrays("fmnist_calibration")
-    return _make("fmnist-calibration", "calibration", a["pixels"], a["labels"], _ids("fmnist-train-", a["source_index"]),
-                 meta={"source": "Fashion-MNIST train, held-out split (eval.embedded.fmnist.train_calibration_indices)"})
+    return _make("fmnist-calibration", "calibration", a["pixels"], a["labels"],
+                 _ids("fmnist-train-", a["source_index"]),
+                 meta={"source": "Fashion-MNIST train, held-out split "
+                                 "(eval.embedded.fmnist.train_calibration_indices)"})
 
 
 def fmnist_sketch() -> ArrayImageDataset:
@@ -64,7 +66,8 @@ def fmnist_sketch() -> ArrayImageDataset:
     a = _arrays("fmnist_test")
     idx = a["shift_index"]
     return _make("fmnist-sketch", "shift", sketch(a["pixels"][idx]), a["labels"][idx],
-                 _ids("fmnist-test-", idx, "-sketch"), meta={"source": "Fashion-MNIST t10k", "rendering": "sobel-sketch"})
+                 _ids("fmnist-test-", idx, "-sketch"),
+                 meta={"source": "Fashion-MNIST t10k", "rendering": "sobel-sketch"})
 
 
 def fmnist_tint() -> ArrayImageDataset:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import open_clip
@@ -20,8 +20,9 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from eval.cli import UserError
+from eval.atomic import atomic_write
 from eval.embedded.fmnist import CLASS_NAMES, TEMPLATES
+from eval.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def _train(images, labels, config_path, cfg, log_every, log) -> TrainResult:
     n_templates = len(TEMPLATES)
     rng = np.random.default_rng(cfg.seed)
     steps_per_epoch = len(images) // cfg.batch_size
-    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    total = max(1, round(cfg.epochs * steps_per_epoch))
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = ClipLoss()
     model.train()
@@ -198,6 +199,4 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    atomic_write(path, lambda p: save_file(state, p))

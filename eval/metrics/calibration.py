@@ -1,9 +1,13 @@
 """Calibration errors on the top-label confidence (METHODS §5): equal-width ECE/MCE/RMS-CE, equal-mass ECE,
 classwise ECE and reliability-diagram data.
 
-Binning convention: 15 equal-width bins [b/15, (b+1)/15), the last one closed at 1.0. This equals torchmetrics
-`MulticlassCalibrationError(n_bins=15, norm=...)` except for a confidence of exactly 1.0, which torchmetrics
-(`torch.bucketize(..., right=True) - 1`) puts into a 16th bin of its own; here it belongs to the last bin.
+Binning rule (the one implementation, `ece_bin_index`, also used by eval.stats and figures.reliability): with
+B = 15 equal-width bins, b = min(⌊B·c⌋, B − 1), i.e. bins [b/B, (b+1)/B) with the last one closed, so c = 1.0 is
+in the last bin and a confidence exactly on an edge (0.2 = 3/15) opens the upper bin.
+torchmetrics' `MulticlassCalibrationError(n_bins=15)` differs at exact edges: its edges are `torch.linspace` in
+the confidences' dtype (float32 in practice, e.g. 0.2 → 0.20000001788), so a confidence on an edge can land one
+bin lower, and `torch.bucketize(..., right=True) - 1` puts c = 1.0 into a 16th bin of its own. Off the edges the
+two agree.
 """
 from __future__ import annotations
 
@@ -36,12 +40,16 @@ class BinStats:
         """|acc_b − conf_b|, 0 for empty bins."""
         return np.where(self.count > 0, np.abs(np.nan_to_num(self.accuracy) - np.nan_to_num(self.confidence)), 0.0)
 
+    @property
+    def ece(self) -> float:
+        """ECE = Σ_b (n_b/N)·|acc_b − conf_b| (L1, METHODS §5)."""
+        return float((self.weight * self.abs_gap).sum())
 
-def bin_index(conf: Float[np.ndarray, " n"], n_bins: int = N_BINS) -> Int[np.ndarray, " n"]:
-    """Equal-width bin of each confidence; the last bin is closed so that 1.0 falls into bin n_bins − 1."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.searchsorted(edges, conf, side="right") - 1
-    return np.clip(idx, 0, n_bins - 1).astype(np.int64)
+
+def ece_bin_index(conf: Float[np.ndarray, " n"], n_bins: int = N_BINS) -> Int[np.ndarray, " n"]:
+    """Equal-width bin of each confidence: b = min(⌊n_bins·c⌋, n_bins − 1), bins [lo, hi), last closed (METHODS §5)."""
+    c = np.asarray(conf, dtype=np.float64)
+    return np.clip(np.floor(c * n_bins), 0, n_bins - 1).astype(np.int64)
 
 
 def _stats(idx: Int[np.ndarray, " n"], conf: Float[np.ndarray, " n"], hit: Float[np.ndarray, " n"],
@@ -59,13 +67,12 @@ def _stats(idx: Int[np.ndarray, " n"], conf: Float[np.ndarray, " n"], hit: Float
 def reliability_bins(conf: Float[np.ndarray, " n"], correct: Bool[np.ndarray, " n"], n_bins: int = N_BINS) -> BinStats:
     """Equal-width bins over the top-label confidence (reliability-diagram data)."""
     conf = np.asarray(conf, dtype=np.float64)
-    return _stats(bin_index(conf, n_bins), conf, correct.astype(np.float64), n_bins)
+    return _stats(ece_bin_index(conf, n_bins), conf, correct.astype(np.float64), n_bins)
 
 
 def ece(conf: Float[np.ndarray, " n"], correct: Bool[np.ndarray, " n"], n_bins: int = N_BINS) -> float:
     """ECE = Σ_b (n_b/N)·|acc_b − conf_b| over equal-width bins (L1)."""
-    b = reliability_bins(conf, correct, n_bins)
-    return float((b.weight * b.abs_gap).sum())
+    return reliability_bins(conf, correct, n_bins).ece
 
 
 def mce(conf: Float[np.ndarray, " n"], correct: Bool[np.ndarray, " n"], n_bins: int = N_BINS) -> float:
@@ -88,8 +95,7 @@ def ece_equal_mass(conf: Float[np.ndarray, " n"], correct: Bool[np.ndarray, " n"
     # np.array_split sizes: the first n % n_bins groups get one extra sample
     sizes = np.full(n_bins, n // n_bins) + (np.arange(n_bins) < n % n_bins)
     idx[order] = np.repeat(np.arange(n_bins), sizes)
-    b = _stats(idx, conf, correct.astype(np.float64), n_bins)
-    return float((b.weight * b.abs_gap).sum())
+    return _stats(idx, conf, correct.astype(np.float64), n_bins).ece
 
 
 def classwise_ece(logits: Float[np.ndarray, "n k"], labels: Int[np.ndarray, " n"], n_bins: int = N_BINS,
@@ -107,7 +113,7 @@ def classwise_ece(logits: Float[np.ndarray, "n k"], labels: Int[np.ndarray, " n"
     for s in range(0, len(labels), ROW_CHUNK):
         p = probabilities(logits[s:s + ROW_CHUNK])
         y = labels[s:s + ROW_CHUNK]
-        flat = (col * n_bins + bin_index(p.ravel(), n_bins).reshape(p.shape)).ravel()
+        flat = (col * n_bins + ece_bin_index(p.ravel(), n_bins).reshape(p.shape)).ravel()
         hit = (col == y[:, None]).astype(np.float64).ravel()
         count += np.bincount(flat, minlength=k_all * n_bins).reshape(k_all, n_bins)
         csum += np.bincount(flat, weights=p.ravel(), minlength=k_all * n_bins).reshape(k_all, n_bins)

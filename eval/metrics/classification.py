@@ -49,20 +49,30 @@ def top_k_accuracy(logits: Float[np.ndarray, "n k"], labels: Int[np.ndarray, " n
     return float(top_k_correct(logits, labels, min(k, logits.shape[1])).mean())
 
 
-def nll(logits: Float[np.ndarray, "n k"], labels: Int[np.ndarray, " n"]) -> float:
-    """Mean negative log-likelihood −log p_y (float64 log-softmax)."""
-    total = 0.0
+def nll_per_sample(logits: Float[np.ndarray, "n k"], labels: Int[np.ndarray, " n"]) -> Float[np.ndarray, " n"]:
+    """−log p_y per sample (float64 log-softmax), in row chunks."""
+    out = np.empty(len(labels), dtype=np.float64)
     for s in range(0, len(labels), ROW_CHUNK):
         lp = log_softmax(np.asarray(logits[s:s + ROW_CHUNK], dtype=np.float64), axis=1)
-        total -= lp[np.arange(lp.shape[0]), labels[s:s + ROW_CHUNK]].sum()
-    return float(total / len(labels))
+        out[s:s + ROW_CHUNK] = -lp[np.arange(lp.shape[0]), labels[s:s + ROW_CHUNK]]
+    return out
+
+
+def brier_per_sample(logits: Float[np.ndarray, "n k"], labels: Int[np.ndarray, " n"]) -> Float[np.ndarray, " n"]:
+    """Σ_k (p_ik − 1[y_i = k])² per sample (METHODS §5), in row chunks."""
+    out = np.empty(len(labels), dtype=np.float64)
+    for s in range(0, len(labels), ROW_CHUNK):
+        p = probabilities(logits[s:s + ROW_CHUNK])
+        py = p[np.arange(p.shape[0]), labels[s:s + ROW_CHUNK]]
+        out[s:s + ROW_CHUNK] = (p * p).sum(axis=1) - 2.0 * py + 1.0
+    return out
+
+
+def nll(logits: Float[np.ndarray, "n k"], labels: Int[np.ndarray, " n"]) -> float:
+    """Mean negative log-likelihood −log p_y (float64 log-softmax)."""
+    return float(nll_per_sample(logits, labels).mean())
 
 
 def brier(logits: Float[np.ndarray, "n k"], labels: Int[np.ndarray, " n"]) -> float:
     """Brier = mean_i Σ_k (p_ik − 1[y_i = k])² (METHODS §5)."""
-    total = 0.0
-    for s in range(0, len(labels), ROW_CHUNK):
-        p = probabilities(logits[s:s + ROW_CHUNK])
-        py = p[np.arange(p.shape[0]), labels[s:s + ROW_CHUNK]]
-        total += float(((p * p).sum(axis=1) - 2.0 * py + 1.0).sum())
-    return total / len(labels)
+    return float(brier_per_sample(logits, labels).mean())

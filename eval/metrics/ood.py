@@ -5,15 +5,17 @@ Scores: MCM = max softmax(cos/τ) of the raw cosines, MSP = max softmax(z), max-
 AUROC equals scikit-learn's roc_auc_score; AUPR equals its average_precision_score (step-wise, no interpolation);
 FPR95 is the fraction of OOD samples scored at or above the 5th percentile of the ID scores (numpy's default
 linear interpolation), i.e. the false-positive rate at 95 % true-positive rate.
+AUROC and FPR95 have one implementation each, on sample-count matrices (`auroc_counts`, `fpr95_counts`): the
+scalar functions use all-ones counts, eval.stats' bootstrap uses resample counts.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int, Shaped
 from scipy.special import logsumexp
-from scipy.stats import rankdata
 
 from eval.metrics.classification import confidences
 
@@ -50,13 +52,47 @@ def ood_scores(logits: Float[np.ndarray, "n k"], logit_scale: float,
     }
 
 
+class AUROCState(NamedTuple):
+    """Per-run precomputation for `auroc_counts`: positives, negatives sorted by score, and per positive the
+    number of negatives scored below it (n_lt) and at or below it (n_le)."""
+
+    pos: Int[np.ndarray, " a"]
+    neg: Int[np.ndarray, " b"]
+    n_lt: Int[np.ndarray, " a"]
+    n_le: Int[np.ndarray, " a"]
+
+
+def auroc_state(score: Shaped[np.ndarray, " n"], is_pos: Shaped[np.ndarray, " n"]) -> AUROCState:
+    """Sort once per run (METHODS §5 AUROC, ID = positive); `auroc_counts` then weights samples per resample."""
+    score = np.asarray(score, dtype=np.float64)
+    pos = np.asarray(is_pos).astype(bool)
+    ip, ineg = np.flatnonzero(pos), np.flatnonzero(~pos)
+    ineg = ineg[np.argsort(score[ineg], kind="stable")]
+    s_neg = score[ineg]
+    return AUROCState(ip, ineg, np.searchsorted(s_neg, score[ip], side="left"),
+                      np.searchsorted(s_neg, score[ip], side="right"))
+
+
+def auroc_counts(state: AUROCState, counts: Float[np.ndarray, "b n"]) -> Float[np.ndarray, " b"]:
+    """AUROC of b weighted copies of one run (METHODS §5): counts[k, i] = how often sample i occurs in copy k.
+
+    AUROC = Σ_pos c_i (C_neg(< s_i) + ½ C_neg(= s_i)) / (C_pos · C_neg), the Mann–Whitney U with mid-rank
+    ties (= scikit-learn's roc_auc_score), in O(b·n) from one cumulative sum over the sorted negatives.
+    """
+    cn = counts[:, state.neg]
+    cum = np.zeros((cn.shape[0], cn.shape[1] + 1))
+    np.cumsum(cn, axis=1, out=cum[:, 1:])
+    cp = counts[:, state.pos]
+    num = (cp * (cum[:, state.n_lt] + cum[:, state.n_le])).sum(axis=1) * 0.5
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / (cp.sum(axis=1) * cum[:, -1])
+
+
 def auroc(id_scores: Float[np.ndarray, " a"], ood_scores: Float[np.ndarray, " b"]) -> float:
-    """P(score_ID > score_OOD) + ½·P(tie) via average ranks (Mann–Whitney U); constant scores give 0.5."""
+    """P(score_ID > score_OOD) + ½·P(tie) (Mann–Whitney U, METHODS §5); constant scores give 0.5."""
     s = np.concatenate([id_scores, ood_scores]).astype(np.float64)
-    r = rankdata(s, method="average")
-    n1, n0 = len(id_scores), len(ood_scores)
-    u = r[:n1].sum() - n1 * (n1 + 1) / 2.0
-    return float(u / (n1 * n0))
+    pos = np.arange(s.size) < len(id_scores)
+    return float(auroc_counts(auroc_state(s, pos), np.ones((1, s.size)))[0])
 
 
 def average_precision(positive: Bool[np.ndarray, " n"], score: Float[np.ndarray, " n"]) -> float:
@@ -84,10 +120,48 @@ def aupr_out(id_scores: Float[np.ndarray, " a"], ood_scores: Float[np.ndarray, "
     return average_precision(pos, -np.concatenate([id_scores, ood_scores]))
 
 
+class FPR95State(NamedTuple):
+    """Per-run precomputation for `fpr95_counts`: positives sorted by score (with their scores), negatives."""
+
+    pos: Int[np.ndarray, " a"]
+    s_pos: Float[np.ndarray, " a"]
+    neg: Int[np.ndarray, " b"]
+    s_neg: Float[np.ndarray, " b"]
+
+
+def fpr95_state(score: Shaped[np.ndarray, " n"], is_pos: Shaped[np.ndarray, " n"]) -> FPR95State:
+    """Sort the ID (positive) scores once per run for `fpr95_counts` (METHODS §5)."""
+    score = np.asarray(score, dtype=np.float64)
+    pos = np.asarray(is_pos).astype(bool)
+    ip, ineg = np.flatnonzero(pos), np.flatnonzero(~pos)
+    ip = ip[np.argsort(score[ip], kind="stable")]
+    return FPR95State(ip, score[ip], ineg, score[ineg])
+
+
+def fpr95_counts(state: FPR95State, counts: Float[np.ndarray, "b n"]) -> Float[np.ndarray, " b"]:
+    """FPR@95%TPR of b weighted copies of one run (METHODS §5): the OOD share scored ≥ the 5th percentile of
+    the ID scores, the percentile exactly as np.percentile(·, 5) (linear) computes it on the expanded sample."""
+    cp = counts[:, state.pos]
+    cum = np.cumsum(cp, axis=1)
+    h = (cum[:, -1] - 1) * (5.0 / 100)  # numpy's virtual index (n − 1)·q
+    lo = np.floor(h)
+    last = len(state.pos) - 1
+    # the value at sorted position k of the expanded ID list = the first j with cum[j] > k
+    j_lo = np.minimum((cum <= lo[:, None]).sum(axis=1), last)
+    j_hi = np.minimum((cum <= lo[:, None] + 1).sum(axis=1), last)
+    a, b, t = state.s_pos[j_lo], state.s_pos[j_hi], h - lo
+    diff = b - a
+    thr = np.where(t >= 0.5, b - diff * (1 - t), a + diff * t)  # numpy's _lerp, so the threshold is bit-identical
+    cn = counts[:, state.neg]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (cn * (state.s_neg[None] >= thr[:, None])).sum(axis=1) / cn.sum(axis=1)
+
+
 def fpr_at_95_tpr(id_scores: Float[np.ndarray, " a"], ood_scores: Float[np.ndarray, " b"]) -> float:
-    """Fraction of OOD scored ≥ the 5th percentile of the ID scores."""
-    threshold = np.percentile(np.asarray(id_scores, dtype=np.float64), 5.0)
-    return float(np.mean(np.asarray(ood_scores, dtype=np.float64) >= threshold))
+    """Fraction of OOD scored ≥ the 5th percentile of the ID scores (METHODS §5)."""
+    s = np.concatenate([id_scores, ood_scores]).astype(np.float64)
+    pos = np.arange(s.size) < len(id_scores)
+    return float(fpr95_counts(fpr95_state(s, pos), np.ones((1, s.size)))[0])
 
 
 DETECTION_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {

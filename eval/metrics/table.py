@@ -143,6 +143,15 @@ def noise_errors(outputs: Mapping[str, SampleOutputs]) -> dict[str, dict[float, 
     return res
 
 
+def noise_errors_from_metrics(metrics: pd.DataFrame) -> dict[str, dict[str, dict[float, float]]]:
+    """{variant: {dataset: {severity: top-1 error}}} from the tidy noise rows (error = 1 − top-1, as `noise_errors`)."""
+    rows = metrics[(metrics["role"] == "noise") & (metrics["metric"] == "top1") & metrics["severity"].notna()]
+    res: dict[str, dict[str, dict[float, float]]] = {}
+    for v, d, c, val in zip(rows["variant"], rows["dataset"], rows["severity"], rows["value"]):
+        res.setdefault(v, {}).setdefault(d, {})[float(c)] = 1.0 - float(val)
+    return res
+
+
 def relative_ce(variant_errs: Mapping[float, float], fp_errs: Mapping[float, float]) -> float:
     """CE relative to full precision: Σ_c err_v(c) / Σ_c err_fp(c) over the shared severities."""
     common = sorted(set(variant_errs) & set(fp_errs))

@@ -5,7 +5,15 @@ Families: `lowrank` (a), `damping` (b1–b4), `noise` (c1–c5), `clip`/`round`/
 e6 scopes are selector presets (`--layers vision-only` …). Grammar: see `interventions.controls.base`.
 """
 from interventions.controls import (  # noqa: F401  (imported for registration)
-    clipping, damping, lowrank, noise, projection, rotation, scale, temperature, topdamp,
+    clipping,
+    damping,
+    lowrank,
+    noise,
+    projection,
+    rotation,
+    scale,
+    temperature,
+    topdamp,
 )
 from interventions.controls.base import Control
 

@@ -5,24 +5,34 @@ every control that needs the quantized reference: `q=QUANT` (the quantizer that 
 `int4-g128-mse`, the CLIs' `--match-quant`) and `match=fro|output|stable-rank|none` (the matching criterion
 for the free parameter; default `fro`, the CLIs' `--match`). `str(control)` gives the full spec back with
 the resolved `q`/`match`, so a variant name says exactly what was matched to what.
+
+Report fields: a control's `edit` returns `Edited(W′, fields)` with its family's own fields (declared in its
+`report_fields`) and, when matched, `MatchResult.fields()`; the match columns (`MATCH_FIELDS`) are declared once
+here, for every control. A control that uses Q but has no free parameter gets them filled in by `apply`.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eval.cli import UserError
+from eval.errors import UserError
 from interventions.matching import (
-    DEFAULT_MATCH, DEFAULT_QUANT, QuantRef, check_criterion, quantizer, report_reference,
+    DEFAULT_MATCH,
+    DEFAULT_QUANT,
+    MATCH_FIELDS,
+    QuantRef,
+    check_criterion,
+    quantizer,
+    reference_fields,
 )
-from interventions.registry import Edit, MatrixContext
-
+from interventions.registry import Edit, Edited, MatrixContext
 
 
 @lru_cache(maxsize=64)
@@ -30,7 +40,9 @@ def cached_quantizer(spec: str) -> Edit:
     return quantizer(spec)
 
 
-def split_spec(spec: str, family: str, keys: Sequence[str], *, value_modes: bool = False) -> tuple[list[str], dict[str, str]]:
+def split_spec(
+    spec: str, family: str, keys: Sequence[str], *, value_modes: bool = False,
+) -> tuple[list[str], dict[str, str]]:
     """`family[:a,b,k=v]` -> (["a", "b"], {"k": "v"}) with k from `keys`; an unknown key is an error unless the
     family has `mode=value` arguments (`value_modes`, e.g. `damping:tikhonov=0.1`), which stay positional."""
     spec = spec.strip()
@@ -83,7 +95,8 @@ def parse_int(text: str | int, what: str, *, lo: int = 1) -> int:
 class Control(Edit):
     """Base of the control edits: optional quantized reference (`quant`) and matching criterion (`match`).
 
-    Subclasses implement `edit(w, ctx, ref)`, where `ref` lazily gives Ŵ, E and Q's grid, and `args()`.
+    Subclasses implement `edit(w, ctx, ref) -> Edited`, where `ref` lazily gives Ŵ, E and Q's grid, and `args()`;
+    they declare their own edits.csv fields in `report_fields` (the match fields are declared here).
     """
 
     quant: str | None = None  # None: DEFAULT_QUANT (or the CLI's --match-quant)
@@ -113,7 +126,7 @@ class Control(Edit):
     def uses_quant(self) -> bool:
         return self.needs_quant or self.matched()
 
-    def with_matching(self, quant: str | None, match: str | None) -> "Control":
+    def with_matching(self, quant: str | None, match: str | None) -> Control:
         """Fill in the quantizer / criterion the spec left open (explicit spec keys win)."""
         return replace(self, quant=self.quant or quant, match=self.match or match)
 
@@ -132,14 +145,20 @@ class Control(Edit):
         return {"args": ",".join(self.args()), "quant": self.q_spec if self.uses_quant() else None,
                 "match": self.criterion if self.matched() else None}
 
-    def __call__(self, w: Float[Tensor, "out in"], ctx: MatrixContext) -> Float[Tensor, "out in"]:
+    @classmethod
+    def declared_fields(cls) -> tuple[str, ...]:
+        return cls.report_fields + MATCH_FIELDS
+
+    def apply(self, w: Float[Tensor, "out in"], ctx: MatrixContext) -> Edited:
         ref = QuantRef(cached_quantizer(self.q_spec), w, ctx)
         out = self.edit(w, ctx, ref)
-        if self.uses_quant() and "match_target" not in ctx.extra:
-            report_reference(self.criterion if self.matched() else "fro", ref, w, out, ctx, self.q_spec)
-        return out.to(torch.float32)
+        fields = dict(out.fields)
+        if self.uses_quant() and "match_target" not in fields:
+            crit = self.criterion if self.matched() else "fro"
+            fields.update(reference_fields(crit, ref, w, out.weight, ctx, self.q_spec))
+        return Edited(out.weight.to(torch.float32), fields)
 
-    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Float[Tensor, "out in"]:
+    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Edited:
         raise NotImplementedError
 
 

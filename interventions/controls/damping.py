@@ -3,27 +3,31 @@
 Specs (`damping:MODE[=VALUE][@RHO]`):
 - `damping:transplant` b1 spectrum transplant U diag(σ̂) Vᵀ;
 - `damping:vectors`    b2 vector transplant Û diag(σ) V̂ᵀ;
-- `damping:gains`      b3 gain transplant ("damping only") U diag(g∘σ) Vᵀ, g_i = u_iᵀŴv_i/σ_i;
+- `damping:gains`      b3 gain transplant ("damping only") U diag(g∘σ) Vᵀ, g_i = u_iᵀŴv_i/σ_i, built from
+                       d = g∘σ = diag(UᵀŴV) itself (no division, `spectral.gains`), so W_G + R = Ŵ exactly;
 - `damping:residual`   b3's exact complement W + R, R = Ŵ − W_G ("everything but damping");
 - `damping:tikhonov[=τ]` σ′ = σ·σ²/(σ² + τ²); `damping:soft[=τ]` σ′ = max(σ − τ, 0) (τ as a fraction of σ₁);
 - `damping:tail[=γ][@ρ]` σ′_i = γσ_i for i > ⌈ρr⌉ (ρ default 0.5).
 b4 without a value has τ or γ matched to Q (`match=`, default M1) by bisection in σ-space.
+Report fields: b3's gain summaries (`gain_mean/head/tail/min`: nan-aware over the NaN-guarded g of `spectral.gains`,
+head/tail = first/last tenth of i), `tail_start` (0-based start of the scaled tail), and the match fields.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eval.cli import UserError
+from eval.errors import UserError
 from interventions.controls.base import Control, parse_float, reconstruct, split_spec
 from interventions.matching import MatchResult, QuantRef, bisect, spectral_measure, spectral_weights, target_of
-from interventions.registry import MatrixContext, register_edit
+from interventions.registry import Edited, MatrixContext, register_edit
+from spectral.gains import fp_basis_projections, gains_from_projections
 from spectral.svd import SVDFactors
 
 TRANSPLANTS = ("transplant", "vectors", "gains", "residual")
@@ -58,32 +62,36 @@ def scale_range(start: int, stop: int | None) -> Callable[[Float[Tensor, " r"], 
 
 def solve_shrink(fn: Shrink, lo: float, hi: float, param: str, criterion: str, f: SVDFactors,
                  ref: QuantRef, ctx: MatrixContext) -> MatchResult:
-    """The free parameter t of a same-basis shrinkage σ′ = fn(σ, t) with criterion(σ′) = Q's, by bisection in σ-space."""
+    """The free parameter t of a same-basis shrinkage σ′ = fn(σ, t) with criterion(σ′) = Q's, by bisection in
+    σ-space."""
     target = target_of(criterion, ref)
     c = spectral_weights(criterion, ctx, f.Vh)
-    meas = lambda t: spectral_measure(criterion, f.S, fn(f.S, t), c)  # noqa: E731
+
+    def meas(t: float) -> float:
+        return spectral_measure(criterion, f.S, fn(f.S, t), c)
+
     t, reached = bisect(meas, target, lo, hi)
     return MatchResult(criterion, str(ref.quant), param, t, target, meas(t), reached=reached,
                        note="" if reached else "target outside the family's range; nearest end used")
 
 
-def gains_of(f: SVDFactors, w_hat: Float[Tensor, "out in"]) -> Float[Tensor, " r"]:
-    """g_i = u_iᵀ Ŵ v_i / σ_i (1 where σ_i = 0)."""
-    d = ((f.U.T @ w_hat.to(torch.float64)) * f.Vh).sum(1)
-    pos = f.S > 0
-    return torch.where(pos, d / torch.where(pos, f.S, torch.ones_like(f.S)), torch.ones_like(f.S))
+def gain_transplant(f: SVDFactors, d: Float[Tensor, " r"]) -> Float[Tensor, "out in"]:
+    """W_G = U diag(g∘σ) Vᵀ from d = g∘σ (METHODS §3 b3): W with only its singular values changed, to d."""
+    return reconstruct(f.U, d.to(torch.float64), f.Vh)
 
 
-def gain_transplant(f: SVDFactors, gains: Float[Tensor, " r"]) -> Float[Tensor, "out in"]:
-    """W_G = U diag(g∘σ) Vᵀ: W with only its singular values rescaled by g."""
-    return reconstruct(f.U, gains.to(torch.float64) * f.S, f.Vh)
+def _nanmean(t: Tensor) -> float:
+    t = t[torch.isfinite(t)]
+    return float(t.mean()) if t.numel() else math.nan
 
 
-def _gain_summary(g: Tensor) -> dict[str, float]:
+def gain_summary(g: Float[Tensor, " r"]) -> dict[str, float]:
+    """gain_mean/head/tail/min over the finite g_i (NaN marks σ_i too small to carry a gain); head/tail = r//10 each."""
     r = g.numel()
     dec = max(r // 10, 1)
-    return {"gain_mean": float(g.mean()), "gain_head": float(g[:dec].mean()), "gain_tail": float(g[-dec:].mean()),
-            "gain_min": float(g.min())}
+    finite = g[torch.isfinite(g)]
+    return {"gain_mean": _nanmean(g), "gain_head": _nanmean(g[:dec]), "gain_tail": _nanmean(g[-dec:]),
+            "gain_min": float(finite.min()) if finite.numel() else math.nan}
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,7 @@ class Damping(Control):
     at: float | None = None  # ρ of tail scaling
 
     family: ClassVar[str] = "damping"
+    report_fields: ClassVar[tuple[str, ...]] = ("gain_mean", "gain_head", "gain_tail", "gain_min", "tail_start")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,32 +139,33 @@ class Damping(Control):
     def rho(self) -> float:
         return DEFAULT_AT if self.at is None else self.at
 
-    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Float[Tensor, "out in"]:
+    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Edited:
         f = ctx.svd(w)
         if self.mode == "transplant":
-            return reconstruct(f.U, ctx.svd(ref.w_hat).S, f.Vh)
+            return Edited(reconstruct(f.U, ctx.svd(ref.w_hat).S, f.Vh))
         if self.mode == "vectors":
             fh = ctx.svd(ref.w_hat)
-            return reconstruct(fh.U, f.S, fh.Vh)
+            return Edited(reconstruct(fh.U, f.S, fh.Vh))
         if self.mode in ("gains", "residual"):
-            g = gains_of(f, ref.w_hat)
-            ctx.extra.update(_gain_summary(g))
-            w_g = gain_transplant(f, g)
-            return w_g if self.mode == "gains" else w + (ref.w_hat - w_g)
+            d = fp_basis_projections(f, ref.w_hat)
+            summary = gain_summary(gains_from_projections(d, f.S, tuple(w.shape)))
+            w_g = gain_transplant(f, d)
+            return Edited(w_g if self.mode == "gains" else w + (ref.w_hat - w_g), summary)
         r = f.S.numel()
+        fields: dict[str, Any] = {}
         if self.mode == "tail":
             k = min(math.ceil(self.rho * r - 1e-9), r)
             fn, lo, hi, param = scale_range(k, None), 0.0, 1.0, "gamma"
-            ctx.extra["tail_start"] = k
+            fields["tail_start"] = k
         else:
             fn, lo, hi, param = (tikhonov, 0.0, 100.0, "tau") if self.mode == "tikhonov" else (soft, 0.0, 1.0, "tau")
         if self.value is not None:
             t = self.value
         else:
             res = solve_shrink(fn, lo, hi, param, self.criterion, f, ref, ctx)
-            res.record(ctx)
+            fields.update(res.fields())
             t = res.value
-        return reconstruct(f.U, fn(f.S, t), f.Vh)
+        return Edited(reconstruct(f.U, fn(f.S, t), f.Vh), fields)
 
 
 def parse_value_at(arg: str, spec: str) -> tuple[str, float | None, float | None]:
@@ -168,7 +178,8 @@ def parse_value_at(arg: str, spec: str) -> tuple[str, float | None, float | None
 
 
 @register_edit("damping", examples=("damping:gains", "damping:residual", "damping:transplant", "damping:vectors",
-                                    "damping:tikhonov", "damping:tikhonov=0.1", "damping:soft=0.05", "damping:tail=0.5@0.5"),
+                                    "damping:tikhonov", "damping:tikhonov=0.1", "damping:soft=0.05",
+                                    "damping:tail=0.5@0.5"),
                help="(b) singular-value damping: b1 transplant, b2 vectors, b3 gains/residual, b4 tikhonov/soft/tail")
 def _parse(spec: str) -> Damping:
     pos, kw = split_spec(spec, "damping", ("q", "match"), value_modes=True)

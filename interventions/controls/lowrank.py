@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eval.cli import UserError
-from interventions.controls.base import Control, parse_float, parse_int, reconstruct, split_spec
+from eval.errors import UserError
+from interventions.controls.base import Control, parse_float, parse_int, split_spec
 from interventions.matching import MatchResult, QuantRef, spectral_weights, target_of
-from interventions.registry import MatrixContext, register_edit
+from interventions.registry import Edited, MatrixContext, register_edit
 from spectral.svd import SVDFactors
 
 
@@ -53,7 +53,8 @@ def matched_rank(criterion: str, f: SVDFactors, ref: QuantRef, ctx: MatrixContex
     reach = (sr >= target * (1 - 1e-12)).nonzero()
     if not reach.numel():
         return MatchResult(criterion, str(ref.quant), "rank", float(r), target, float(sr[-1].item()), discrete=True,
-                           reached=False, note="W's own stable rank is below the target", extra={"rank": r, "rank_frac": 1.0})
+                           reached=False, note="W's own stable rank is below the target",
+                           extra={"rank": r, "rank_frac": 1.0})
     k = int(reach.min().item()) + 1
     return MatchResult(criterion, str(ref.quant), "rank", float(k), target, float(sr[k - 1].item()), discrete=True,
                        extra={"rank": k, "rank_frac": k / r})
@@ -69,6 +70,8 @@ class LowRank(Control):
 
     family: ClassVar[str] = "lowrank"
     needs_quant: ClassVar[bool] = False
+    # k, k/r; fixed k: the energy kept Σ_{i≤k}σ_i²/Σσ_i²; matched k (M1/M2): the error at k − 1 (how close rank gets)
+    report_fields: ClassVar[tuple[str, ...]] = ("rank", "rank_frac", "energy_kept", "match_achieved_rank_minus_1")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,7 +99,8 @@ class LowRank(Control):
             return [f"energy={self.energy:g}"]
         return []
 
-    def choose_rank(self, f: SVDFactors, ctx: MatrixContext, ref: QuantRef) -> int:
+    def choose_rank(self, f: SVDFactors, ctx: MatrixContext, ref: QuantRef) -> tuple[int, dict[str, Any]]:
+        """k and its report fields: fixed by fraction/rank/energy, or matched to Q (with the match fields)."""
         r = f.S.numel()
         if self.frac is not None:
             k = rank_from_fraction(self.frac, r)
@@ -106,16 +110,15 @@ class LowRank(Control):
             k = rank_from_energy(f.S, self.energy)
         else:
             res = matched_rank(self.criterion, f, ref, ctx)
-            res.record(ctx)
-            return int(res.value)
-        s = f.S
-        ctx.extra.update({"rank": k, "rank_frac": k / r, "energy_kept": float((s[:k].pow(2).sum() / s.pow(2).sum().clamp_min(1e-300)).item())})
-        return k
+            return int(res.value), res.fields()
+        e = f.S.pow(2)
+        kept = float((e[:k].sum() / e.sum().clamp_min(1e-300)).item())
+        return k, {"rank": k, "rank_frac": k / r, "energy_kept": kept}
 
-    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Float[Tensor, "out in"]:
+    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Edited:
         f = ctx.svd(w)
-        k = self.choose_rank(f, ctx, ref)
-        return lowrank_reconstruct(w, f, k)
+        k, fields = self.choose_rank(f, ctx, ref)
+        return Edited(lowrank_reconstruct(w, f, k), fields)
 
 
 @register_edit("lowrank", examples=("lowrank:0.5", "lowrank:rank=64", "lowrank:energy=0.9", "lowrank"),

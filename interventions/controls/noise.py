@@ -11,7 +11,7 @@ Specs (`noise:KIND[,key=value]`):
   flagged `quantizer_variant` in the report (uniform integer grids only).
 The overall scale k is matched to Q (`match=`; closed form for fro/output, where N is linear in k; bisection
 for stable-rank). c2–c4 preserve ‖E‖_F by construction, so under M1 they are used as they are (k = 1).
-`scale=K` fixes k instead (k = 0 returns W).
+`scale=K` fixes k instead (k = 0 returns W). Report fields: the match fields, and `quantizer_variant` for c5.
 """
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eval.cli import UserError
+from eval.errors import UserError
 from interventions.controls.base import Control, cached_quantizer, parse_float, parse_int, split_spec
 from interventions.matching import MatchResult, QuantRef, bisect, frob, measure, output_norm, target_of
 from interventions.quantizers import IntQuantizer
-from interventions.registry import MatrixContext, register_edit
+from interventions.registry import Edited, MatrixContext, register_edit
+from spectral.nulls import row_scales
 
 KINDS = ("c1", "c1-group", "c1-rel", "c2", "c3", "c4", "c5")
 ALIASES = {"c1-uniform": ("c1", "uniform"), "c1-gauss": ("c1", "gauss")}
@@ -40,22 +41,6 @@ def unit_noise(shape: tuple[int, int], gen: torch.Generator, dist: str) -> Float
     if dist == "gauss":
         return torch.randn(shape, generator=gen, dtype=torch.float32)
     return (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * math.sqrt(3.0)
-
-
-def row_scales(e: Float[Tensor, "out in"], group: int | None = None) -> Float[Tensor, "out in"]:
-    """s per entry: RMS of E over its row (group None) or its group of `group` contiguous inputs in the row."""
-    if group is None or group >= e.shape[1]:
-        return e.pow(2).mean(dim=1, keepdim=True).sqrt().expand_as(e)
-    m, n = e.shape
-    full = (n // group) * group
-    pieces = []
-    if full:
-        g = e[:, :full].reshape(m, full // group, group)
-        pieces.append(g.pow(2).mean(dim=2, keepdim=True).sqrt().expand_as(g).reshape(m, full))
-    if full < n:
-        tail = e[:, full:]
-        pieces.append(tail.pow(2).mean(dim=1, keepdim=True).sqrt().expand_as(tail))
-    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
 
 
 def sign_flip(e: Float[Tensor, "out in"], gen: torch.Generator) -> Float[Tensor, "out in"]:
@@ -109,6 +94,7 @@ class Noise(Control):
 
     family: ClassVar[str] = "noise"
     stochastic: ClassVar[bool] = True
+    report_fields: ClassVar[tuple[str, ...]] = ("quantizer_variant",)  # c5 is a quantizer variant, not a noise control
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,7 +111,8 @@ class Noise(Control):
         if self.kind == "c5" and self.scale is not None:
             raise UserError("noise:c5 is a quantizer variant; it takes no scale")
         if self.kind == "c5" and not isinstance(cached_quantizer(self.q_spec), IntQuantizer):
-            raise UserError(f"noise:c5 (subtractive dither) needs a uniform integer quantizer (int…), not {self.q_spec}")
+            raise UserError("noise:c5 (subtractive dither) needs a uniform integer quantizer (int…), "
+                            f"not {self.q_spec}")
 
     def matched(self) -> bool:
         return self.scale is None and self.kind != "c5"
@@ -161,13 +148,12 @@ class Noise(Control):
             return row_permute(e, gen).to(e.device)
         return haar_spectrum(ctx.svd(e).S, tuple(e.shape), gen).to(e.device)  # c4
 
-    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Float[Tensor, "out in"]:
+    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Edited:
         if self.kind == "c5":
-            ctx.extra["quantizer_variant"] = True
-            return dither(w, ref, ctx.generator(salt="noise:c5"))
+            return Edited(dither(w, ref, ctx.generator(salt="noise:c5")), {"quantizer_variant": True})
         n = self.base_noise(w, ctx, ref)
         if self.scale is not None:
-            return w + self.scale * n
+            return Edited(w + self.scale * n)
         crit = self.criterion
         target = target_of(crit, ref)
         if crit == "fro" and self.kind in EXACT_NORM:
@@ -176,21 +162,24 @@ class Noise(Control):
             base = frob(n) if crit == "fro" else output_norm(n, ctx.calib_inputs)  # type: ignore[arg-type]
             k = target / base if base > 0 else 0.0
         else:  # stable-rank: bisection on k with the real singular values
-            sr = lambda t: measure(crit, w, w + t * n, ctx)  # noqa: E731
+            def sr(t: float) -> float:
+                return measure(crit, w, w + t * n, ctx)
+
             k, _ = bisect(sr, target, 0.0, 4.0, rtol=1e-5, maxiter=60)
         out = w + k * n
         achieved = measure(crit, w, out, ctx)
-        MatchResult(crit, self.q_spec, "k", k, target, achieved).record(ctx)
-        return out
+        return Edited(out, MatchResult(crit, self.q_spec, "k", k, target, achieved).fields())
 
 
 @register_edit("noise", examples=("noise:c1", "noise:c1-uniform", "noise:c1-group", "noise:c1-rel", "noise:c2",
                                   "noise:c3", "noise:c4", "noise:c5"),
-               help="(c) matched noise: c1 white (per row/group/entry), c2 sign flips, c3 row permutation, c4 Haar basis, c5 dither")
+               help="(c) matched noise: c1 white (per row/group/entry), c2 sign flips, c3 row permutation, "
+                    "c4 Haar basis, c5 dither")
 def _parse(spec: str) -> Noise:
     pos, kw = split_spec(spec, "noise", ("dist", "group", "scale", "q", "match"))
     if len(pos) != 1:
-        raise UserError(f"noise needs exactly one kind ({', '.join(KINDS + tuple(ALIASES))}), e.g. noise:c1; got {spec!r}")
+        raise UserError(f"noise needs exactly one kind ({', '.join(KINDS + tuple(ALIASES))}), e.g. noise:c1; "
+                        f"got {spec!r}")
     kind, dist = ALIASES.get(pos[0], (pos[0], None))
     if dist is not None and "dist" in kw and kw["dist"] != dist:
         raise UserError(f"conflicting distributions in {spec!r}")

@@ -1,7 +1,8 @@
 """(e2) Rank-matched random projection W·P·Pᵀ with P a Haar n×k frame (METHODS §3 e2): same rank as (a),
 random subspace — a negative control for "keeping the top singular directions is what helps".
 
-Specs: `randproj` (k = the low-rank control's k matched to Q by `match=`), `randproj:0.5` (k = ⌈ρ·r⌉), `randproj:rank=64`.
+Specs: `randproj` (k = the low-rank control's k matched to Q by `match=`), `randproj:0.5` (k = ⌈ρ·r⌉),
+`randproj:rank=64`.
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eval.cli import UserError
+from eval.errors import UserError
 from interventions.controls.base import Control, parse_float, parse_int, split_spec
 from interventions.controls.lowrank import matched_rank, rank_from_fraction
 from interventions.controls.noise import haar_orthonormal
 from interventions.matching import QuantRef
-from interventions.registry import MatrixContext, register_edit
+from interventions.registry import Edited, MatrixContext, register_edit
 
 
 def random_projection(w: Float[Tensor, "out in"], p: Float[Tensor, "in k"]) -> Float[Tensor, "out in"]:
@@ -35,6 +36,7 @@ class RandomProjection(Control):
     family: ClassVar[str] = "randproj"
     needs_quant: ClassVar[bool] = False
     stochastic: ClassVar[bool] = True
+    report_fields: ClassVar[tuple[str, ...]] = ("rank", "rank_frac")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,7 +57,7 @@ class RandomProjection(Control):
             return [f"{self.frac:g}"]
         return [f"rank={self.rank}"] if self.rank is not None else []
 
-    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Float[Tensor, "out in"]:
+    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Edited:
         r = min(w.shape)
         if self.frac is not None:
             k = rank_from_fraction(self.frac, r)
@@ -63,12 +65,12 @@ class RandomProjection(Control):
             k = min(self.rank, r)
         else:
             k = int(matched_rank(self.criterion, ctx.svd(w), ref, ctx).value)  # k from (a)
-        ctx.extra.update({"rank": k, "rank_frac": k / r})
         p = haar_orthonormal(w.shape[1], k, ctx.generator(salt="randproj"))
-        return random_projection(w, p)
+        return Edited(random_projection(w, p), {"rank": k, "rank_frac": k / r})
 
 
-@register_edit("randproj", ("randproj", "randproj:0.5", "randproj:rank=64"), help="(e2) rank-matched random projection W P Pᵀ")
+@register_edit("randproj", ("randproj", "randproj:0.5", "randproj:rank=64"),
+               help="(e2) rank-matched random projection W P Pᵀ")
 def _parse(spec: str) -> RandomProjection:
     pos, kw = split_spec(spec, "randproj", ("frac", "rank", "q", "match"))
     if len(pos) > 1:

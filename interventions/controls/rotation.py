@@ -14,11 +14,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eval.cli import UserError
+from eval.errors import UserError
 from interventions.controls.base import Control, split_spec
 from interventions.controls.noise import haar_orthonormal
 from interventions.matching import QuantRef
-from interventions.registry import MatrixContext, register_edit
+from interventions.registry import Edited, MatrixContext, register_edit
 
 ROTATIONS = ("hadamard", "haar", "identity")
 
@@ -64,16 +64,17 @@ class RotQuant(Control):
     def args(self) -> list[str]:
         return [self.rot]
 
-    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Float[Tensor, "out in"]:
+    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Edited:
         gen = ctx.generator(salt=f"rotquant:{self.rot}")
         m, n = w.shape
         r1 = rotation(m, self.rot, gen).to(device=w.device, dtype=torch.float32)
         r2 = rotation(n, self.rot, gen).to(device=w.device, dtype=torch.float32)
         q, _ = ref.quant.quantize(r1 @ w @ r2)  # type: ignore[attr-defined]
-        return r1.T @ q.to(torch.float32) @ r2.T
+        return Edited(r1.T @ q.to(torch.float32) @ r2.T)
 
 
-@register_edit("rotquant", ("rotquant", "rotquant:haar", "rotquant:identity"), help="(e4) rotated quantization R1ᵀ Q(R1 W R2) R2ᵀ")
+@register_edit("rotquant", ("rotquant", "rotquant:haar", "rotquant:identity"),
+               help="(e4) rotated quantization R1ᵀ Q(R1 W R2) R2ᵀ")
 def _parse(spec: str) -> RotQuant:
     pos, kw = split_spec(spec, "rotquant", ("rot", "q", "match"))
     if len(pos) > 1:

@@ -8,10 +8,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eval.cli import UserError
+from eval.errors import UserError
 from interventions.controls.base import Control, split_spec
 from interventions.matching import QuantRef
-from interventions.registry import MatrixContext, register_edit
+from interventions.registry import Edited, MatrixContext, register_edit
 
 
 def bussgang_gain(w: Float[Tensor, "out in"], w_hat: Float[Tensor, "out in"]) -> float:
@@ -23,11 +23,11 @@ def bussgang_gain(w: Float[Tensor, "out in"], w_hat: Float[Tensor, "out in"]) ->
 @dataclass(frozen=True)
 class ScaleOnly(Control):
     family: ClassVar[str] = "scale"
+    report_fields: ClassVar[tuple[str, ...]] = ("alpha_b",)
 
-    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Float[Tensor, "out in"]:
+    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Edited:
         a = bussgang_gain(w, ref.w_hat)
-        ctx.extra["alpha_b"] = a
-        return (w.to(torch.float64) * a).to(torch.float32)
+        return Edited((w.to(torch.float64) * a).to(torch.float32), {"alpha_b": a})
 
 
 @register_edit("scale", ("scale",), help="(e1) Bussgang scale only: α_B·W")

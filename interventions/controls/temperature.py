@@ -1,23 +1,26 @@
 """(e5) Temperature-matched full precision (METHODS §3 e5): the FP model with its logit scale s′ chosen so that
 the mean max-softmax on held-out calibration-role images equals the quantized variant's.
 
-This edits `logit_scale` (a model-level edit, not a matrix edit), so it is not an `Edit`: the CLIs build it from
-the spec `temperature[:q=QUANT]` (`interventions.edit --spec temperature`). If it reproduces the quantizer's
-reliability gain, the gain is a confidence-scale artifact.
+This edits `logit_scale`, so it is a `ModelEdit` (registered as `temperature[:q=QUANT]`): the runner evaluates
+FP and the quantizer first and passes their calibration-set outputs to `apply_model`, which fits s′ and writes
+it into the model; the variant is then evaluated like any other. If it reproduces the quantizer's reliability
+gain, the gain is a confidence-scale artifact.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from collections.abc import Callable
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from eval.cli import UserError
+from eval.errors import UserError
 from interventions.controls.base import split_spec
 from interventions.matching import DEFAULT_QUANT, bisect
+from interventions.registry import ModelEdit, register_edit
 
 LOG_S_RANGE = (math.log(1e-3), math.log(1e5))
 
@@ -51,9 +54,12 @@ def cosines(model: nn.Module, images: Float[Tensor, "n c h w"], classifier: Floa
 
 
 @dataclass(frozen=True)
-class TemperatureMatch:
+class TemperatureMatch(ModelEdit):
     """e5 configuration: the quantizer whose confidence is matched."""
 
+    family = "temperature"
+    report_fields = ("match", "match_quant", "logit_scale_fp", "logit_scale", "match_target", "match_achieved",
+                     "match_rel_err", "conf_fp")
     quant: str | None = None
 
     @property
@@ -66,6 +72,35 @@ class TemperatureMatch:
     def with_matching(self, quant: str | None, match: str | None = None) -> "TemperatureMatch":
         return TemperatureMatch(self.quant or quant)
 
+    def params(self) -> dict[str, Any]:
+        return {"quant": self.q_spec}
+
+    def requires(self) -> tuple[str, ...]:
+        return (self.q_spec,)
+
+    def apply_model(self, model: nn.Module, outputs: dict[str, Any], variant: str) -> list[dict[str, Any]]:
+        """Fit s′ on the calibration-role outputs of FP and the quantizer, write it into `model`; the report row."""
+        fp_outs, q_outs = outputs["fp"], outputs[self.q_spec]
+        cal = next((k for k, o in fp_outs.items() if o.role == "calibration" and o.severity is None), None)
+        if cal is None:
+            raise UserError("temperature (e5) needs a calibration-role dataset; add one to --datasets "
+                            "(e.g. ...?role=calibration) or use the embedded sets")
+        f, q = fp_outs[cal], q_outs[cal]
+        s_fp = float(f.logit_scale)
+        fit = self.fit(torch.as_tensor(f.logits, dtype=torch.float64) / s_fp,
+                       torch.as_tensor(q.logits, dtype=torch.float64), s_fp)
+        set_logit_scale(model, fit["logit_scale"])
+        frac = 1 / max(sum(p.numel() for p in model.parameters()), 1)
+        return [{"variant": variant, "matrix": "logit_scale", "tower": "other", "kind": "temperature", "shape": "1x1",
+                 "delta": abs(math.log(fit["logit_scale"]) - math.log(s_fp)) / max(abs(math.log(s_fp)), 1e-30),
+                 "coverage": frac, "param_frac": frac, "spec": str(self), "family": self.family, "seed": 0,
+                 "match": "confidence", "match_quant": self.q_spec, **fit}]
+
+    def summary(self, rows: Sequence[Mapping[str, Any]]) -> str:
+        r = rows[0]
+        return (f"{r['variant']}: logit scale {r['logit_scale_fp']:.4f} -> {r['logit_scale']:.4f}; calibration mean "
+                f"max-softmax fp {r['conf_fp']:.4f}, {self.q_spec} {r['match_target']:.4f}, matched {r['match_achieved']:.4f}")
+
     def fit(self, fp_cos: Float[Tensor, "n k"], variant_logits: Float[Tensor, "n k"], s_fp: float) -> dict[str, float]:
         """s′ for the FP cosines given the variant's calibration logits; the report row for edits.csv."""
         target = mean_max_softmax(variant_logits)
@@ -74,6 +109,8 @@ class TemperatureMatch:
                 "match_rel_err": abs(achieved - target) / max(target, 1e-30), "conf_fp": mean_max_softmax(s_fp * fp_cos)}
 
 
+@register_edit("temperature", ("temperature", "temperature:q=nf4"),
+               "(e5) model-level: FP logit scale matched to the quantizer's calibration confidence")
 def parse_temperature(spec: str) -> TemperatureMatch:
     pos, kw = split_spec(spec, "temperature", ("q",))
     if pos:
@@ -83,11 +120,4 @@ def parse_temperature(spec: str) -> TemperatureMatch:
 
         quantizer(kw["q"])
     return TemperatureMatch(kw.get("q"))
-
-
-MODEL_EDITS: dict[str, Callable[[str], TemperatureMatch]] = {"temperature": parse_temperature}
-
-
-def is_model_edit(spec: str) -> bool:
-    return any(spec.strip() == k or spec.strip().startswith(k + ":") for k in MODEL_EDITS)
 

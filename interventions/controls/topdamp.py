@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from jaxtyping import Float
 from torch import Tensor
 
-from eval.cli import UserError
+from eval.errors import UserError
 from interventions.controls.base import Control, parse_float, reconstruct, split_spec
 from interventions.controls.damping import DEFAULT_AT, scale_range, solve_shrink
 from interventions.matching import QuantRef
-from interventions.registry import MatrixContext, register_edit
+from interventions.registry import Edited, MatrixContext, register_edit
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class TopDamp(Control):
 
     family: ClassVar[str] = "topdamp"
     needs_quant: ClassVar[bool] = False
+    report_fields: ClassVar[tuple[str, ...]] = ("top_k",)  # k = ⌈ρ·r⌉ damped values
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,19 +47,19 @@ class TopDamp(Control):
     def args(self) -> list[str]:
         return [(f"{self.gamma:g}" if self.gamma is not None else "") + f"@{self.rho:g}"]
 
-    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Float[Tensor, "out in"]:
+    def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Edited:
         f = ctx.svd(w)
         r = f.S.numel()
         k = max(min(math.ceil(self.rho * r - 1e-9), r), 1)
         fn = scale_range(0, k)
-        ctx.extra["top_k"] = k
+        fields: dict[str, Any] = {"top_k": k}
         if self.gamma is not None:
             g = self.gamma
         else:
             res = solve_shrink(fn, 0.0, 1.0, "gamma", self.criterion, f, ref, ctx)
-            res.record(ctx)
+            fields.update(res.fields())
             g = res.value
-        return reconstruct(f.U, fn(f.S, g), f.Vh)
+        return Edited(reconstruct(f.U, fn(f.S, g), f.Vh), fields)
 
 
 @register_edit("topdamp", ("topdamp", "topdamp:0.9@0.5"), help="(e3) damp the top singular values, γ matched to Q")

@@ -1,0 +1,239 @@
+"""The plan of an experiment: grid axes (`Grid`), the points they expand to (`Point`), and the one seeds rule.
+
+Every command is a plan of points: a single intervention CLI is full precision plus its explicit edits, a sweep
+or an ablation is quantizers × controls × matching × seeds × datasets. A point is pure data; the runner
+(`interventions.runner`) turns it into a result. Grid keys: experiment, model, pretrained, layers, quant,
+controls (`none` = the quantizer itself, `all` = every family, e5 only when evaluating), edits (explicit edit specs, matched to the first
+quant and match), match, seeds (`N` = seeds 0..N−1, or a list), datasets, include_fp, act (activation
+fake-quant of every quantizer point, W·A·), options (evaluator/experiment options), device.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval.errors import UserError
+
+CONTROL_NONE = "none"
+CONTROL_ALL = "all"
+# One default spec per control family (METHODS §3 a–e5); `all` expands to these.
+ALL_CONTROLS = (
+    "lowrank", "damping:transplant", "damping:vectors", "damping:gains", "damping:residual", "damping:tikhonov",
+    "noise:c1", "noise:c2", "noise:c3", "noise:c4", "noise:c5", "clip", "round", "deadzone", "scale", "randproj",
+    "topdamp", "rotquant", "temperature",
+)
+MATCH_CRITERIA = ("fro", "output", "stable-rank", "none")
+EXPERIMENT_NAMES = ("edit", "reliability")
+GRID_KEYS = ("experiment", "model", "pretrained", "layers", "quant", "controls", "edits", "match", "seeds", "datasets",
+             "include_fp", "act", "options", "device")
+
+
+def _as_tuple(value: Any, what: str) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (str, int)):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    raise UserError(f"grid key {what!r} must be a value or a list, got {type(value).__name__}")
+
+
+def parse_seeds(value: Any, what: str = "--seeds") -> tuple[int, ...]:
+    """The one seeds rule of every command: a count N -> seeds 0..N−1; a list ("0,3,7", [0, 3]) -> those seeds."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace(",", " ").split() if p]
+        try:
+            value = int(parts[0]) if len(parts) == 1 and "," not in value else [int(p) for p in parts]
+        except ValueError:
+            raise UserError(f"{what} must be a count (e.g. 5 for seeds 0..4) or a comma list of integers, "
+                            f"got {value!r}") from None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if value < 1:
+            raise UserError(f"{what} must be a count >= 1 (e.g. 5 for seeds 0..4), got {value!r}")
+        return tuple(range(int(value)))
+    try:
+        seeds = tuple(_int(s) for s in _as_tuple(value, "seeds"))
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a count >= 1 or a list of integers >= 0, got {value!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UserError(f"{what} must be a count >= 1 or a list of distinct integers >= 0, got {value!r}")
+    return seeds
+
+
+def _int(x: Any) -> int:
+    if isinstance(x, bool) or (isinstance(x, float) and not x.is_integer()):
+        raise ValueError
+    return int(x)
+
+
+def parse_seed(value: Any) -> tuple[int, ...]:
+    """`--seed S`: the one seed S (>= 0)."""
+    try:
+        s = _int(value) if not isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--seed must be an integer >= 0, got {value!r}") from None
+    if s < 0:
+        raise UserError(f"--seed must be an integer >= 0, got {value!r}")
+    return (s,)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The axes of a plan; validated on construction (one-line UserError naming the bad value)."""
+
+    experiment: str = "edit"
+    model: str | None = None
+    pretrained: str | None = None
+    layers: str = "core"
+    quant: tuple[str, ...] = ("int4-g128-mse",)
+    controls: tuple[str, ...] = (CONTROL_NONE,)
+    edits: tuple[str, ...] = ()
+    match: tuple[str, ...] = ("fro",)
+    seeds: tuple[int, ...] = (0,)
+    datasets: tuple[str, ...] = ()
+    include_fp: bool = True
+    act: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.experiment not in EXPERIMENT_NAMES:
+            raise UserError(f"unknown experiment {self.experiment!r}; allowed: {', '.join(EXPERIMENT_NAMES)}")
+        for m in self.match:
+            if m not in MATCH_CRITERIA:
+                raise UserError(f"unknown matching criterion {m!r}; allowed: {', '.join(MATCH_CRITERIA)}")
+        if not self.quant:
+            raise UserError("a plan needs at least one quantizer spec (quant)")
+        if not self.match:
+            raise UserError("a plan needs at least one matching criterion (match)")
+        if not self.controls and not self.edits and not self.include_fp:
+            raise UserError(f"a plan needs at least one control ({CONTROL_NONE!r} for the quantizer alone) or edit")
+        if not isinstance(self.options, Mapping):
+            raise UserError("grid key 'options' must be a mapping")
+        if self.act is not None:
+            from interventions.actquant import parse_act_spec
+
+            parse_act_spec(self.act)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "Grid":
+        unknown = sorted(set(data) - set(GRID_KEYS))
+        if unknown:
+            raise UserError(f"unknown grid key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(GRID_KEYS)}")
+        kw: dict[str, Any] = {}
+        for k, v in data.items():
+            if k in ("quant", "controls", "edits", "match", "datasets"):
+                kw[k] = tuple(str(x) for x in _as_tuple(v, k))
+            elif k == "seeds":
+                kw[k] = parse_seeds(v, "grid key 'seeds'")
+            elif k == "include_fp":
+                if not isinstance(v, bool):
+                    raise UserError(f"grid key 'include_fp' must be true or false, got {v!r}")
+                kw[k] = v
+            elif k == "options":
+                if v is not None and not isinstance(v, Mapping):
+                    raise UserError(f"grid key 'options' must be a mapping of option: value, got {v!r}")
+                kw[k] = dict(v or {})
+            else:
+                kw[k] = None if v is None else str(v)
+        return cls(**kw)
+
+    def replace(self, **changes: Any) -> "Grid":
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return Grid(**data)
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read a grid from a .yaml/.yml/.json file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"grid file {str(p)!r} does not exist")
+    if p.suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise UserError(f"grid file {str(p)!r} must end in .yaml, .yml or .json")
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(p.read_text())
+        else:
+            import yaml
+
+            data = yaml.safe_load(p.read_text())
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"grid file {str(p)!r} could not be parsed: {first}") from None
+    if not isinstance(data, Mapping):
+        raise UserError(f"grid file {str(p)!r} must hold a mapping of grid keys ({', '.join(GRID_KEYS)})")
+    return Grid.from_mapping(data)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run: a variant (full precision, a quantizer, or a control) on one dataset suite. Pure data."""
+
+    variant: str
+    family: str  # "fp", "quant" or the control's family
+    edit: str | None  # canonical edit spec; None for full precision
+    quant: str | None
+    match: str | None
+    seed: int
+    dataset: str | None
+    stochastic: bool = False
+    act: str | None = None  # activation fake-quant spec (W·A·) applied after the weight edit
+
+
+def control_spec(control: str, quant: str, match: str) -> str:
+    """A control family spec with the quantizer and matching criterion it is matched to (`q=`, `match=`)."""
+    from interventions.registry import parse_edit
+
+    edit = parse_edit(control)
+    if hasattr(edit, "with_matching"):
+        return str(edit.with_matching(quant, match))
+    return str(edit)
+
+
+def _points_of(spec: str, grid: Grid, dataset: str | None, quant: str, match: str | None) -> list[Point]:
+    """The points of one (canonical) edit spec: one per seed for stochastic edits."""
+    from interventions.registry import parse_edit
+
+    edit = parse_edit(spec)
+    spec = str(edit)
+    family = getattr(edit, "family", "edit")
+    act = grid.act if family == "quant" else None
+    out = []
+    for s in (grid.seeds if edit.stochastic else grid.seeds[:1]):
+        name = spec + (f"#s{s}" if edit.stochastic else "") + (f"+{act}" if act else "")
+        out.append(Point(name, family, spec, quant, match if "match=" in spec else None, s if edit.stochastic else 0,
+                         dataset, edit.stochastic, act))
+    return out
+
+
+def expand(grid: Grid) -> list[Point]:
+    """All points, canonicalised (edits that ignore the seed or the match collapse), in a stable order."""
+    from interventions.registry import ModelEdit, parse_edit
+
+    datasets: tuple[str | None, ...] = grid.datasets or ((None,) if grid.experiment == "edit" else ("embedded",))
+    evaluates = grid.experiment == "reliability"  # `all` holds e5 only where variants are evaluated
+    controls: list[str] = []
+    for c in grid.controls:
+        every = [a for a in ALL_CONTROLS if evaluates or not isinstance(parse_edit(a), ModelEdit)]
+        controls.extend(every if c == CONTROL_ALL else (c,))
+    points: dict[tuple, Point] = {}
+    for d in datasets:
+        todo: list[Point] = [Point("fp", "fp", None, None, None, 0, d)] if grid.include_fp else []
+        q0, m0 = str(parse_edit(grid.quant[0])), grid.match[0]
+        for e in grid.edits:
+            todo += _points_of(control_spec(e, q0, m0), grid, d, q0, m0)
+        for q in grid.quant:
+            qs = str(parse_edit(q))
+            for c in dict.fromkeys(controls):
+                for m in grid.match:
+                    spec = qs if c == CONTROL_NONE else control_spec(c, qs, m)
+                    todo += _points_of(spec, grid, d, qs, m)
+        for p in todo:
+            points.setdefault((p.edit, p.seed, p.dataset, p.family, p.act), p)
+    return list(points.values())

@@ -1,0 +1,356 @@
+"""The one experiment path: plan (points) -> `Runner.result(point)` -> results store (atomic, keyed by config hash).
+
+Every command goes through here: a single intervention CLI is a plan of full precision plus its edits, a sweep or
+an ablation a plan of many points. A point's run key hashes its full configuration (model, checkpoint hash,
+edit, selector, matching, seed, datasets, options, code version), so a finished run is never redone, a killed
+command resumes where it stopped, and `--shard i/n` splits a plan across processes. Experiments (`edit`,
+`reliability`) are registered functions of (point, runner); edits are applied by type (`edit_model`): a matrix
+`Edit` through `apply_edit`, a `ModelEdit` (e5) after the runs it depends on.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pandas as pd
+from torch import nn
+
+from eval.errors import UserError
+from eval.version import code_version
+from interventions.grid import Grid, Point, _points_of, expand
+from interventions.registry import BASE_COLUMNS, Edit, EditReport, MatrixContext, ModelEdit, apply_edit, parse_edit
+from interventions.session import OPTIONS, Session
+from interventions.store import ResultsStore, RunResult, Shard, StoredRun, run_key
+
+
+class Planned(NamedTuple):
+    key: str
+    point: Point
+    config: dict[str, Any]
+
+
+def point_config(p: Point, session: Session) -> dict[str, Any]:
+    """The full configuration of one run: everything its result depends on, including the code version."""
+    grid = session.grid
+    return {
+        "experiment": grid.experiment, "model": session.model_info(), "layers": grid.layers, "variant": p.variant,
+        "family": p.family, "edit": p.edit, "quant": p.quant, "match": p.match, "seed": p.seed, "dataset": p.dataset,
+        "act": p.act, "options": dict(sorted(grid.options.items())), "code_version": code_version(),
+    }
+
+
+def dependencies(p: Point, grid: Grid) -> list[Point]:
+    """The points a model edit (e5) needs evaluated first: full precision and each required spec, same datasets."""
+    edit = _edit_of(p)
+    if not isinstance(edit, ModelEdit):
+        return []
+    deps = [Point("fp", "fp", None, None, None, 0, p.dataset)]
+    for spec in edit.requires():
+        canonical = str(parse_edit(spec))
+        deps += _points_of(canonical, grid, p.dataset, canonical, None)
+    return deps
+
+
+def plan(session: Session, points: Sequence[Point] | None = None) -> list[Planned]:
+    """(key, point, config) for every point of the session's grid and its dependencies, sorted by key, no duplicates."""
+    seen: dict[str, Planned] = {}
+    for q in expand(session.grid) if points is None else points:
+        for p in (*dependencies(q, session.grid), q):
+            cfg = point_config(p, session)
+            key = run_key(cfg)
+            seen.setdefault(key, Planned(key, p, cfg))
+    return [seen[k] for k in sorted(seen)]
+
+
+# --------------------------------------------------------------------------------------------- edits by type
+@functools.singledispatch
+def edit_model(edit: Any, model: nn.Module, p: Point, runner: "Runner") -> EditReport:
+    """Apply the point's edit to `model` in place and return its report (dispatched on the edit's type)."""
+    raise TypeError(f"no handler for edits of type {type(edit).__name__}")
+
+
+@edit_model.register(Edit)
+def _(edit: Edit, model: nn.Module, p: Point, runner: "Runner") -> EditReport:
+    s = runner.session
+    contexts = None
+    if p.match == "output":  # M2: each matrix's calibration inputs
+        x = s.calib_inputs(p.dataset)
+        contexts = {v.name: MatrixContext(v.name, v, seed=p.seed, cache=s.svd_cache, calib_inputs=x[v.name])
+                    for v in s.views(model)}
+    return apply_edit(model, edit, s.grid.layers, seed=p.seed, variant=p.variant, cache=s.svd_cache,
+                      progress=runner.bar(p.variant), contexts=contexts)
+
+
+@edit_model.register(ModelEdit)
+def _(edit: ModelEdit, model: nn.Module, p: Point, runner: "Runner") -> EditReport:
+    outputs = {"fp" if q.edit is None else q.edit: runner.outputs(q) for q in dependencies(p, runner.session.grid)}
+    rows = edit.apply_model(model, outputs, p.variant)
+    undeclared = sorted({k for r in rows for k in r} - set(BASE_COLUMNS) - set(edit.report_fields))
+    if undeclared:
+        raise RuntimeError(f"model edit {edit} reported undeclared fields {undeclared}; declare them in report_fields")
+    report = EditReport(variant=p.variant, spec=str(edit), coverage=float(rows[0]["coverage"]), rows=rows)
+    runner.say(edit.summary(rows))
+    return report
+
+
+# --------------------------------------------------------------------------------------------- experiments
+@dataclass(frozen=True)
+class Experiment:
+    """A registered kind of run: `run(point, runner)` -> RunResult; `validate` before any work; `finish` on the
+    merged tables (e.g. rows that compare variants, such as `ce_rel`)."""
+
+    name: str
+    run: Callable[[Point, "Runner"], RunResult]
+    validate: Callable[[Session, list[Planned]], None]
+    finish: Callable[[dict[str, pd.DataFrame]], dict[str, pd.DataFrame]]
+    help: str
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def register_experiment(name: str, help: str, validate: Callable[[Session, list[Planned]], None],
+                        finish: Callable[[dict[str, pd.DataFrame]], dict[str, pd.DataFrame]] = lambda t: t,
+                        ) -> Callable[[Callable[[Point, "Runner"], RunResult]], Callable[[Point, "Runner"], RunResult]]:
+    def deco(fn: Callable[[Point, "Runner"], RunResult]) -> Callable[[Point, "Runner"], RunResult]:
+        if name in EXPERIMENTS:
+            raise ValueError(f"experiment {name!r} registered twice")
+        EXPERIMENTS[name] = Experiment(name, fn, validate, finish, help)
+        return fn
+
+    return deco
+
+
+def _validate_common(session: Session, planned: list[Planned]) -> None:
+    if any(t.point.edit is not None for t in planned):
+        session.views()  # a selector matching nothing is a UserError
+    unknown = sorted(set(session.grid.options) - set(OPTIONS))
+    if unknown:
+        raise UserError(f"unknown option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(OPTIONS)}")
+
+
+def _validate_edit(session: Session, planned: list[Planned]) -> None:
+    _validate_common(session, planned)
+    if session.grid.datasets:
+        raise UserError("experiment 'edit' takes no datasets; use experiment 'reliability' to evaluate")
+    model_edits = sorted({t.point.edit for t in planned if isinstance(_edit_of(t.point), ModelEdit)})
+    if model_edits:
+        raise UserError(f"{model_edits[0]} edits the model from evaluated outputs; use experiment 'reliability'")
+
+
+def _validate_reliability(session: Session, planned: list[Planned]) -> None:
+    _validate_common(session, planned)
+    for suite in dict.fromkeys(t.point.dataset for t in planned):
+        session.evaluator(suite)  # loads (and checks) every dataset before anything is written
+    needs_cal = {t.point.dataset for t in planned if t.point.act or t.point.match == "output"
+                 or isinstance(_edit_of(t.point), ModelEdit)}
+    for suite in needs_cal:
+        session.calibration(suite)
+    for suite in {t.point.dataset for t in planned if t.point.act}:
+        session.check_calibration_disjoint(suite)
+
+
+def _edit_of(p: Point) -> Any:
+    return None if p.edit is None else parse_edit(p.edit)
+
+
+def _edit_tables(p: Point, runner: "Runner", model: nn.Module, report: EditReport | None) -> dict[str, pd.DataFrame]:
+    tables: dict[str, pd.DataFrame] = {}
+    opts = runner.session.grid.options
+    if report is not None:
+        tables["edits"] = report.frame()
+        if opts.get("gains", True) and isinstance(_edit_of(p), Edit):
+            tables["gains"] = runner.session.gain_profile(p, model)
+    return tables
+
+
+@register_experiment("edit", "apply the edit; record δ and coverage per matrix and the singular values", _validate_edit)
+def edit_experiment(p: Point, runner: "Runner") -> RunResult:
+    """The cheapest real run: edit a copy of the model and record what changed (METHODS §8 edits.csv, spectra)."""
+    import torch
+
+    from spectral.metrics import spectrum_metrics
+    from spectral.report import variant_filename
+
+    model, report = runner.edited(p)
+    views = runner.session.views(model)
+    svals = {v.name: torch.linalg.svdvals(v.get().detach().to(torch.float64)) for v in views}
+    spectra = pd.DataFrame([{"variant": p.variant, "matrix": v.name,
+                             **spectrum_metrics(svals[v.name], tuple(v.shape), v.param.dtype, fit=False)} for v in views])
+    tables = {"spectra": spectra, **_edit_tables(p, runner, model, report)}
+    arrays = {f"spectra/{variant_filename(p.variant)}": {k: s.numpy() for k, s in svals.items()}}
+    return RunResult(tables=tables, arrays=arrays)
+
+
+def _with_ce_rel(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Add `ce_rel` (METHODS §5: Σ_c err_v(c) / Σ_c err_fp(c)) per dataset suite to the merged metrics."""
+    from eval.metrics.table import ce_rel_rows, noise_errors_from_metrics
+
+    metrics, runs = tables.get("metrics"), tables.get("runs")
+    if metrics is None or metrics.empty or runs is None or "dataset" not in runs:
+        return tables
+    suite = dict(zip(runs["run"], runs["dataset"].fillna("embedded")))
+    parts = []
+    for _, m in metrics.groupby(metrics["run"].map(suite), sort=False):
+        errs = noise_errors_from_metrics(m)
+        rel = ce_rel_rows(errs)
+        if not rel.empty:
+            run_of = dict(zip(m["variant"], m["run"]))
+            parts.append(rel.assign(run=rel["variant"].map(run_of))[m.columns])
+    if parts:
+        tables = {**tables, "metrics": pd.concat([metrics, *parts], ignore_index=True)}
+    return tables
+
+
+@register_experiment("reliability", "apply the edit and run the evaluator: metrics and per-sample outputs",
+                     _validate_reliability, _with_ce_rel)
+def reliability_experiment(p: Point, runner: "Runner") -> RunResult:
+    """Edit a copy of the model, evaluate it on the point's dataset suite, keep the per-sample outputs (METHODS §8)."""
+    from eval.metrics.table import variant_metrics, variant_reliability
+    from spectral.report import variant_filename
+
+    s = runner.session
+    model, report = runner.edited(p)
+    ev = s.evaluator(p.dataset)
+    name = variant_filename(p.variant)
+    outs = ev.run(name, model, reuse=p.act is None)  # fake-quant activations: never reuse cached features
+    ev.forget(name)  # the store keeps the outputs; the evaluator's copy would grow per run
+    tables = {"metrics": variant_metrics(p.variant, outs), "reliability": variant_reliability(p.variant, outs),
+              **_edit_tables(p, runner, model, report)}
+    arrays = {f"samples/{name}/{key}": o.to_arrays() for key, o in outs.items()}
+    if s.grid.options.get("spectra", False):
+        frame, spectra = s.spectra(p, model)
+        tables["spectra"] = frame
+        arrays[f"spectra/{name}"] = spectra
+    return RunResult(tables=tables, arrays=arrays)
+
+
+# --------------------------------------------------------------------------------------------- running
+@dataclass
+class Runner:
+    """Turns points into stored results: each point runs at most once per store; dependencies run first."""
+
+    session: Session
+    store: ResultsStore
+    progress: bool = False
+    verbose: bool = True
+    ran: list[str] = field(default_factory=list)
+
+    @property
+    def experiment(self) -> Experiment:
+        return EXPERIMENTS[self.session.grid.experiment]
+
+    def say(self, text: str) -> None:
+        if self.verbose:
+            print(text)
+
+    def bar(self, desc: str) -> Callable[[Any], Any] | None:
+        from tqdm.auto import tqdm
+
+        if not self.progress:
+            return None
+        return lambda it: tqdm(it, desc=desc, unit="matrix", leave=False)
+
+    def result(self, p: Point) -> StoredRun:
+        """The stored run of `p`, computed and published first if the store does not hold it."""
+        cfg = point_config(p, self.session)
+        run, computed = self.store.get_or_run(cfg, lambda: self.experiment.run(p, self))
+        if computed:
+            self.ran.append(run.key)
+        return run
+
+    def outputs(self, p: Point) -> dict[str, Any]:
+        """{dataset key: SampleOutputs} of a reliability point, from the store (running it if needed)."""
+        from eval.samples import SampleOutputs
+
+        run = self.result(p)
+        outs = {}
+        for rel in run.array_paths():
+            if rel.startswith("samples/"):
+                o = SampleOutputs.from_arrays(run.arrays(rel))
+                outs[o.key] = o
+        return outs
+
+    def edited(self, p: Point) -> tuple[nn.Module, EditReport | None]:
+        """A deep copy of the model with the point's edit (and activation fake-quant) applied; (model, report)."""
+        model = self.session.copy()
+        report = None
+        if p.edit is not None:
+            report = edit_model(parse_edit(p.edit), model, p, self)
+            if isinstance(_edit_of(p), Edit):
+                self.say(report.summary() + _match_note(report))
+        if p.act:
+            self.say("  " + self.session.quantize_activations(model, p.act, p.dataset))
+        return model, report
+
+
+def _match_note(report: EditReport) -> str:
+    from interventions.matching import match_summary
+
+    return ("\n  " + match_summary(report.rows)) if any("match_target" in r for r in report.rows) else ""
+
+
+@dataclass
+class Summary:
+    total: int
+    mine: int
+    skipped: int
+    ran: int
+    seconds: float
+    tables: dict[str, pd.DataFrame]
+    keys: list[str]
+
+    def line(self, shard: Shard) -> str:
+        if self.ran == 0 and self.mine:
+            return (f"all {self.mine} runs of shard {shard} were already finished: no edit and no forward pass; "
+                    f"merged tables rewritten from {len(self.tables.get('runs', []))} stored runs")
+        return (f"{self.total} runs in the plan, {self.mine} in shard {shard}, {self.skipped} already done, "
+                f"{self.ran} ran in {self.seconds:.1f} s; merged {len(self.tables.get('runs', []))} finished runs")
+
+
+def run_plan(session: Session, out: str | Path, shard: Shard = Shard(), *, points: Sequence[Point] | None = None,
+             planned: Sequence[Planned] | None = None, progress: bool = True, merge_only: bool = False,
+             verbose: bool = True) -> Summary:
+    """Run this shard's unfinished points (default: the grid's plan) through the store, then rewrite the merged
+    tables of the plan."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    planned = list(planned) if planned is not None else plan(session, points)
+    experiment = EXPERIMENTS[session.grid.experiment]
+    experiment.validate(session, planned)
+    store = ResultsStore(out)
+    store.clean_stale()
+    runner = Runner(session, store, progress=progress, verbose=verbose)
+    mine = [t for t in planned if shard.owns(t.key)]
+    todo = [] if merge_only else [t for t in mine if not store.is_done(t.key)]
+    for t in tqdm(todo, desc=f"runs {shard}", unit="run", disable=not progress or len(todo) < 2):
+        runner.result(t.point)
+    keys = [t.key for t in planned]
+    tables = merge(store, keys, experiment)
+    skipped = 0 if merge_only else len(mine) - len(todo)
+    return Summary(len(planned), len(mine), skipped, len(runner.ran), time.perf_counter() - t0, tables, keys)
+
+
+def merge(store: ResultsStore, keys: Sequence[str], experiment: Experiment, attempts: int = 5) -> dict[str, pd.DataFrame]:
+    """Rewrite the merged tables of the plan's finished runs until no other shard published one meanwhile."""
+    wanted = set(keys)
+    tables: dict[str, pd.DataFrame] = {}
+    for _ in range(attempts):
+        done = [k for k in store.keys() if k in wanted]
+        tables = store.write_merged(done, finish=experiment.finish)
+        if [k for k in store.keys() if k in wanted] == done:
+            break
+    return tables
+
+
+def finished(store: ResultsStore, planned: Sequence[Planned]) -> bool:
+    return all(store.is_done(t.key) for t in planned)
+
+
+__all__ = ["EXPERIMENTS", "Planned", "Runner", "Summary", "dependencies", "edit_model", "finished", "merge", "plan", "point_config",
+           "run_plan"]

@@ -1,0 +1,156 @@
+"""Per-process state shared by every run of a plan: the loaded model (edited on deep copies), the SVD cache, one
+evaluator per dataset suite (its feature and classifier caches serve every variant) and the calibration inputs.
+
+A session never decides what to run; `interventions.runner` asks it for an edited model and an evaluator.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from eval.errors import UserError
+from interventions.grid import Grid, Point
+
+CALIB_IMAGES = 256  # METHODS §3 M2: ≈256 calibration inputs
+EVALUATOR_OPTIONS = ("templates", "mcm_templates", "batch_size", "noise_severities", "noise_subset", "num_workers")
+OPTIONS = EVALUATOR_OPTIONS + ("gains", "spectra")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Preprocessed calibration-role images (never test images), tokenized class prompts and the image keys."""
+
+    images: Tensor
+    tokens: Tensor
+    dataset: str
+    keys: list[str]
+    test_keys: list[str]
+
+
+class Session:
+    """The loaded model, caches and evaluators of one process; built once per command."""
+
+    def __init__(self, grid: Grid, *, progress: bool = False) -> None:
+        from eval.loading import load_model
+        from spectral.svd import SVDCache
+
+        self.grid = grid
+        self.progress = progress
+        self.loaded = load_model(grid.model, grid.pretrained, device=grid.device)
+        self.svd_cache = SVDCache()
+        self._evaluators: dict[str, Any] = {}
+        self._calibration: dict[str, Calibration] = {}
+        self._inputs: dict[str, dict[str, Tensor]] = {}
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    def model_info(self) -> dict[str, Any]:
+        info = self.loaded.info
+        return {"name": info.name, "pretrained": info.pretrained if info.source != "embedded" else "embedded",
+                "checkpoint_hash": info.checkpoint_hash}
+
+    def views(self, model: nn.Module | None = None) -> list[Any]:
+        """The selected weight views of `model` (default: the unedited model); a selector matching nothing is an error."""
+        from spectral.selector import select
+        from spectral.views import weight_views
+
+        return select(weight_views(self.model if model is None else model), self.grid.layers)
+
+    def copy(self) -> nn.Module:
+        """A deep copy of the unedited model, for one variant."""
+        return copy.deepcopy(self.model)
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def evaluator(self, suite: str | None) -> Any:
+        """The evaluator for one dataset suite (a `--datasets` string), built once per process."""
+        suite = suite or "embedded"
+        if suite not in self._evaluators:
+            from eval.dataset_specs import load_datasets
+            from eval.evaluator import Evaluator
+
+            datasets = load_datasets(None if suite == "embedded" else suite)
+            opts = {k: v for k, v in self.grid.options.items() if k in EVALUATOR_OPTIONS}
+            self._evaluators[suite] = Evaluator.from_loaded(self.loaded, datasets, device=self.grid.device,
+                                                           progress=self.progress, **opts)
+        return self._evaluators[suite]
+
+    def calibration(self, suite: str | None, n: int = CALIB_IMAGES) -> Calibration:
+        """≤ n evenly spaced calibration-role images of the suite and one prompt per class (M2, W·A·), made once."""
+        from eval.datasets import image_keys
+
+        suite = suite or "embedded"
+        if suite not in self._calibration:
+            datasets = self.evaluator(suite).datasets
+            cal = next((d for d in datasets if d.role == "calibration"), None)
+            if cal is None:
+                raise UserError("this needs a calibration-role dataset (--match output, temperature, --act); add one to "
+                                "--datasets (e.g. ...?role=calibration) or use the embedded sets")
+            idx = torch.linspace(0, len(cal) - 1, min(n, len(cal))).round().long().unique().tolist()
+            images = torch.stack([self.loaded.preprocess(cal.image(i)) for i in idx])
+            templates = list(cal.templates) or ["a photo of a {}."]
+            tokens = self.loaded.tokenizer([t.format(c) for c in cal.class_names for t in templates[:1]])
+            keys = image_keys(cal)
+            test_keys = [k for d in datasets if d.role != "calibration" for k in image_keys(d)]
+            self._calibration[suite] = Calibration(images, tokens, cal.name, [keys[i] for i in idx], test_keys)
+        return self._calibration[suite]
+
+    def check_calibration_disjoint(self, suite: str | None) -> None:
+        """Refuse calibration images that are also test images (by file path / root, across datasets)."""
+        c = self.calibration(suite)
+        leaked = set(c.keys) & set(c.test_keys)
+        if leaked:
+            raise UserError(f"{len(leaked)} calibration images are test images (e.g. {sorted(leaked)[0]}); "
+                            "activation ranges must come from a disjoint calibration split")
+
+    def calib_inputs(self, suite: str | None) -> dict[str, Tensor]:
+        """M2: each selected matrix's inputs X on the suite's calibration images, captured once (forward hooks)."""
+        from interventions.matching import capture_inputs
+
+        suite = suite or "embedded"
+        if suite not in self._inputs:
+            c = self.calibration(suite)
+            dev = self.grid.device
+            x = capture_inputs(self.model, self.views(), c.images.to(dev), c.tokens.to(dev))
+            self._inputs[suite] = {k: v.to(dev) for k, v in x.items()}
+        return self._inputs[suite]
+
+    def quantize_activations(self, model: nn.Module, act: str, suite: str | None) -> str:
+        """W·A·: calibrate per-tensor activation ranges on the calibration split (never test images), then enable."""
+        from interventions.actquant import quantize_activations
+
+        c = self.calibration(suite)
+        dev = self.grid.device
+        handle = quantize_activations(model, act, self.grid.layers, images=c.images.to(dev), texts=c.tokens.to(dev),
+                                      image_ids=c.keys, test_ids=c.test_keys)
+        return handle.summary()
+
+    # ---------------------------------------------------------------------------------- measurements
+    def gain_profile(self, p: Point, model: nn.Module) -> pd.DataFrame:
+        """FP-basis gains of every selected matrix by decile of i (METHODS §3 b3, §4; `spectral.gains`)."""
+        from spectral.gains import fp_basis_gains, gain_deciles
+        from spectral.svd import svd_factors
+
+        base = {v.name: v for v in self.views()}
+        rows = []
+        for v in self.views(model):
+            f = svd_factors(base[v.name].get().detach().to(torch.float64), self.svd_cache)
+            for d in gain_deciles(fp_basis_gains(f, v.get().detach())):
+                rows.append({"variant": p.variant, "matrix": v.name, **d})
+        return pd.DataFrame(rows)
+
+    def spectra(self, p: Point, model: nn.Module) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """METHODS §4 spectra of the variant's selected matrices (fp: W itself; else W′ against W) and their arrays."""
+        from spectral.report import FP, analyse_model
+
+        edited = {} if p.edit is None else {p.variant: model}
+        report = analyse_model(self.model, edited, self.grid.layers, cache=self.svd_cache)
+        label = FP if p.edit is None else p.variant
+        frame = report.frame[report.frame["variant"] == label].reset_index(drop=True)
+        return frame, report.arrays.get(label, {})
