@@ -54,7 +54,8 @@ def main() -> None:
     print(f"one rank fraction again:        {t_again:8.2f} s")
     ratio = t_sweep / t_one
     ratio_mean = t_sweep / ((t_one + t_again) / 2)
-    print(f"ratio sweep / one:              {ratio:8.2f}   (vs mean of both single runs {ratio_mean:.2f}; target ≤ 1.5: "
+    print(f"ratio sweep / one:              {ratio:8.2f}   "
+          f"(vs mean of both single runs {ratio_mean:.2f}; target ≤ 1.5: "
           f"{'ok' if max(ratio, ratio_mean) <= 1.5 else 'NOT MET'})")
 
 

@@ -106,11 +106,13 @@ def main() -> None:
     for label, runs in (("bare encode_image+matmul", t_bare),
                         ("Evaluator.run (vision-only variant; incl. preprocessing, metrics, samples/)", t_eval)):
         w, c = min(r[0] for r in runs), min(r[1] for r in runs)
-        print(f"{label}: best wall {w:.2f} s ({len(ds) / w:.1f} img/s), best CPU {c:.2f} s   (wall/CPU runs: {fmt(runs)})")
+        print(f"{label}: best wall {w:.2f} s ({len(ds) / w:.1f} img/s), best CPU {c:.2f} s   "
+              f"(wall/CPU runs: {fmt(runs)})")
     wall = min(r[0] for r in t_bare) / min(r[0] for r in t_eval)
     cpu = min(r[1] for r in t_bare) / min(r[1] for r in t_eval)
     med = float(np.median([b[0] for b in t_bare]) / np.median([e[0] for e in t_eval]))
-    print(f"throughput ratio Evaluator / bare: best wall {wall:.3f}, best CPU {cpu:.3f}, median wall {med:.3f}  (target >= 0.9)")
+    print(f"throughput ratio Evaluator / bare: best wall {wall:.3f}, best CPU {cpu:.3f}, "
+          f"median wall {med:.3f}  (target >= 0.9)")
     print(f"text-encoder calls in vision-only variants: {text_calls}  (target 0)")
 
     if args.full:
@@ -125,8 +127,9 @@ def main() -> None:
         metrics = ev.metrics()
         dt = time.perf_counter() - t
         expected = sum(-(-len(pos) // args.batch_size) for _, _, pos in ev._jobs)
-        print(f"full default evaluation: {len(ev._jobs)} dataset/severity jobs, {ev.stats['images_encoded']} images, "
-              f"{dt:.1f} s, {len(metrics)} metric rows; encode_image calls {m.encode_image.calls} == batches {expected}: "
+        print(f"full default evaluation: {len(ev._jobs)} dataset/severity jobs, "
+              f"{ev.stats['images_encoded']} images, {dt:.1f} s, {len(metrics)} metric rows; "
+              f"encode_image calls {m.encode_image.calls} == batches {expected}: "
               f"{m.encode_image.calls == expected}")
 
 

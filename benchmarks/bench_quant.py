@@ -44,7 +44,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = load_model(args.model).model
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {args.model} (random init), {n_params / 1e6:.1f}M parameters, torch threads {torch.get_num_threads()}, "
+    print(f"model {args.model} (random init), {n_params / 1e6:.1f}M parameters, "
+          f"torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     base = None
     for spec in args.specs:

@@ -78,7 +78,8 @@ def _files_by_class(root: Path, folders: list[Path], labels: list[int], name: st
     if not paths:
         raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}")
     return FileImageDataset(name=name, role=role, class_names=class_names, templates=templates,
-                            labels=np.array(ys, dtype=np.int64), ids=np.array([str(p.relative_to(root)) for p in paths]),
+                            labels=np.array(ys, dtype=np.int64),
+                            ids=np.array([str(p.relative_to(root)) for p in paths]),
                             class_subset=class_subset, paths=tuple(str(p) for p in paths), meta={"root": str(root)})
 
 
@@ -118,7 +119,8 @@ def imagenet_v2_folder(root: Path | str, *, name: str = "imagenet-v2", role: str
     bad = [f.name for f in folders if not (f.name.isdigit() and int(f.name) < 1000)]
     if bad:
         raise UserError(f"ImageNet-V2 folder {str(root)!r} has non-numeric class folder {bad[0]!r}; expected 0..999")
-    return _files_by_class(root, folders, [int(f.name) for f in folders], name, role, tuple(IMAGENET_CLASSNAMES), templates)
+    return _files_by_class(root, folders, [int(f.name) for f in folders], name, role,
+                           tuple(IMAGENET_CLASSNAMES), templates)
 
 
 def imagenet_subset_folder(root: Path | str, *, name: str, role: str = "shift",
@@ -207,7 +209,8 @@ def waterbirds(root: Path | str, *, split: str = "test", name: str | None = None
     paths = [root / r["img_filename"] for r in rows]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise UserError(f"Waterbirds image {str(missing[0])!r} listed in metadata.csv is missing ({len(missing)} missing)")
+        raise UserError(f"Waterbirds image {str(missing[0])!r} listed in metadata.csv is missing "
+                        f"({len(missing)} missing)")
     y = np.array([int(r["y"]) for r in rows], dtype=np.int64)
     place = np.array([int(r["place"]) for r in rows], dtype=np.int64)
     group_names = tuple(f"{c} on {p}" for c in WATERBIRDS_CLASSES for p in WATERBIRDS_PLACES)

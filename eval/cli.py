@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from eval.errors import EXIT_USAGE, UserError
+from eval.folders import check_out  # noqa: F401  (the one --out check, re-exported for the CLIs)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -38,20 +38,12 @@ def cli_main(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[Se
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model/--pretrained/--device, identical in every CLI (see eval.loading.load_model)."""
     parser.add_argument("--model", default=None,
-                        help="open_clip model name (e.g. ViT-B-32) or a model-config .json; default: the embedded Fashion-MNIST CLIP")
+                        help="open_clip model name (e.g. ViT-B-32) or a model-config .json; "
+                             "default: the embedded Fashion-MNIST CLIP")
     parser.add_argument("--pretrained", default=None,
-                        help="hub tag (e.g. openai, laion2b_s34b_b79k; needs network or a warm cache) or a local checkpoint file")
+                        help="hub tag (e.g. openai, laion2b_s34b_b79k; needs network or a warm cache) "
+                             "or a local checkpoint file")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-
-
-def check_out(out: str | None) -> Path | None:
-    """Validate an --out value before anything is written: it may be new or a folder, never a file."""
-    if out is None:
-        return None
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {str(out)!r} exists and is not a folder")
-    return path
 
 
 def check_device(device: str) -> str:

@@ -52,20 +52,27 @@ def _waterbirds(path: Path, name: str | None, opts: dict[str, str]) -> list[Imag
 DATASET_KINDS: dict[str, DatasetKind] = {
     "imagefolder": DatasetKind(_one(lambda p, n, o: adapters.image_folder(p, name=n, role=_role(o, "id"))),
                                "ROOT/<class>/<images>, classes = folder names"),
-    "imagenet": DatasetKind(_one(lambda p, n, o: adapters.imagenet_folder(p, name=n or "imagenet", role=_role(o, "id"))),
-                            "ImageNet-val layout ROOT/<wnid>/<images>"),
-    "imagenet-v2": DatasetKind(_one(lambda p, n, o: adapters.imagenet_v2_folder(p, name=n or "imagenet-v2", role=_role(o, "shift"))),
-                               "ImageNet-V2 layout ROOT/<0..999>/<images>"),
-    "imagenet-sketch": DatasetKind(_one(lambda p, n, o: adapters.imagenet_folder(p, name=n or "imagenet-sketch", role=_role(o, "shift"))),
-                                   "ImageNet-Sketch layout ROOT/<wnid>/<images>"),
-    "imagenet-r": DatasetKind(_one(lambda p, n, o: adapters.imagenet_subset_folder(p, name=n or "imagenet-r", role=_role(o, "shift"))),
-                              "ImageNet-R: 200 wnid folders, logits masked to them"),
-    "imagenet-a": DatasetKind(_one(lambda p, n, o: adapters.imagenet_subset_folder(p, name=n or "imagenet-a", role=_role(o, "shift"))),
-                              "ImageNet-A: 200 wnid folders, logits masked to them"),
-    "cifar10": DatasetKind(_one(lambda p, n, o: adapters.cifar(p, 10, split=o.get("split", "test"), name=n, role=_role(o, "id"))),
-                           "torchvision layout ROOT/cifar-10-batches-py"),
-    "cifar100": DatasetKind(_one(lambda p, n, o: adapters.cifar(p, 100, split=o.get("split", "test"), name=n, role=_role(o, "id"))),
-                            "torchvision layout ROOT/cifar-100-python"),
+    "imagenet": DatasetKind(
+        _one(lambda p, n, o: adapters.imagenet_folder(p, name=n or "imagenet", role=_role(o, "id"))),
+        "ImageNet-val layout ROOT/<wnid>/<images>"),
+    "imagenet-v2": DatasetKind(
+        _one(lambda p, n, o: adapters.imagenet_v2_folder(p, name=n or "imagenet-v2", role=_role(o, "shift"))),
+        "ImageNet-V2 layout ROOT/<0..999>/<images>"),
+    "imagenet-sketch": DatasetKind(
+        _one(lambda p, n, o: adapters.imagenet_folder(p, name=n or "imagenet-sketch", role=_role(o, "shift"))),
+        "ImageNet-Sketch layout ROOT/<wnid>/<images>"),
+    "imagenet-r": DatasetKind(
+        _one(lambda p, n, o: adapters.imagenet_subset_folder(p, name=n or "imagenet-r", role=_role(o, "shift"))),
+        "ImageNet-R: 200 wnid folders, logits masked to them"),
+    "imagenet-a": DatasetKind(
+        _one(lambda p, n, o: adapters.imagenet_subset_folder(p, name=n or "imagenet-a", role=_role(o, "shift"))),
+        "ImageNet-A: 200 wnid folders, logits masked to them"),
+    "cifar10": DatasetKind(
+        _one(lambda p, n, o: adapters.cifar(p, 10, split=o.get("split", "test"), name=n, role=_role(o, "id"))),
+        "torchvision layout ROOT/cifar-10-batches-py"),
+    "cifar100": DatasetKind(
+        _one(lambda p, n, o: adapters.cifar(p, 100, split=o.get("split", "test"), name=n, role=_role(o, "id"))),
+        "torchvision layout ROOT/cifar-100-python"),
     "ood": DatasetKind(_one(lambda p, n, o: adapters.ood_folder(p, name=n)), "any folder of images, label -1"),
     "waterbirds": DatasetKind(_waterbirds, "ROOT/metadata.csv; test = spurious, val = calibration"),
 }
@@ -112,7 +119,8 @@ def _parse_item(item: str) -> list[ImageDataset]:
             raise UserError(f"bad option {pair!r} in {item!r}; allowed: {', '.join(o + '=...' for o in OPTIONS)}")
         opts[key] = value
     if "role" in opts and (opts["role"] not in ROLES or opts["role"] == "noise"):
-        raise UserError(f"unknown role {opts['role']!r} in {item!r}; allowed: {', '.join(r for r in ROLES if r != 'noise')}")
+        raise UserError(f"unknown role {opts['role']!r} in {item!r}; "
+                        f"allowed: {', '.join(r for r in ROLES if r != 'noise')}")
     built = DATASET_KINDS[kind].build(Path(path).expanduser(), name or None, opts)
     if "limit" in opts:
         built = [_limit(d, opts["limit"]) for d in built]

@@ -104,7 +104,8 @@ class Evaluator:
         self._mcm_texts = [None if mcm_templates is None else self._classifier_texts(src, mcm_templates)
                            for src in self._sources]
         self._check_classes()
-        self._jobs: list[tuple[int, float | None, np.ndarray]] = [(i, None, np.arange(len(d))) for i, d in enumerate(self.datasets)]
+        self._jobs: list[tuple[int, float | None, np.ndarray]] = [(i, None, np.arange(len(d)))
+                                                                  for i, d in enumerate(self.datasets)]
         for i, d in enumerate(self.datasets):
             if d.role in noise_roles:
                 idx = noise_indices(len(d), noise_subset)
@@ -130,7 +131,8 @@ class Evaluator:
         ref = next((d for d in self.datasets if d.role == "id" and d.class_names), None)
         ref = ref or next((d for d in self.datasets if d.class_names), None)
         if ref is None:
-            raise UserError(f"dataset {ds.name!r} has no class names and there is no labelled dataset to take them from")
+            raise UserError(f"dataset {ds.name!r} has no class names "
+                            "and there is no labelled dataset to take them from")
         return ref
 
     def _classifier_texts(self, src: ImageDataset, templates: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -187,7 +189,8 @@ class Evaluator:
                 rows = pos if index is None else index[pos]
                 yield pos, self.split.tensor_path(pixels[rows])
         elif self.num_workers > 0:
-            loader = torch.utils.data.DataLoader(_PILBatches(ds, self.split.to_unit), batch_sampler=[c.tolist() for c in chunks],
+            loader = torch.utils.data.DataLoader(_PILBatches(ds, self.split.to_unit),
+                                                 batch_sampler=[c.tolist() for c in chunks],
                                                  num_workers=self.num_workers)
             yield from zip(chunks, loader)
         else:
@@ -301,6 +304,7 @@ class Evaluator:
             "noise_subset_seed": NOISE_SUBSET_SEED, "batch_size": self.batch_size, "device": self.device,
             "preprocess": self.split.identity,
             "datasets": [{"name": d.name, "role": d.role, "n": len(d), "classes": len(t[0]),
-                          "templates": len(t[1]), "class_subset": None if d.class_subset is None else len(d.class_subset)}
+                          "templates": len(t[1]),
+                          "class_subset": None if d.class_subset is None else len(d.class_subset)}
                          for d, t in zip(self.datasets, self._texts)],
         }

@@ -54,7 +54,8 @@ def _register_config(path: Path) -> str:
     except Exception as exc:  # malformed JSON etc.
         raise UserError(f"model config {str(path)!r} could not be read: {type(exc).__name__}: {exc}") from None
     if path.stem not in open_clip.list_models():
-        raise UserError(f"model config {str(path)!r} is not an open_clip config (needs embed_dim, vision_cfg, text_cfg)")
+        raise UserError(f"model config {str(path)!r} is not an open_clip config "
+                        "(needs embed_dim, vision_cfg, text_cfg)")
     return path.stem
 
 
@@ -121,7 +122,8 @@ def _create(model_name: str, pretrained_tag: str | None, device: str) -> tuple[n
 
 
 def _go_offline_if_unreachable(host: str = "huggingface.co", timeout: float = 3.0) -> None:
-    """Without network, switch huggingface_hub to offline mode so a cached file loads and a missing one fails at once."""
+    """Without network, switch huggingface_hub to offline mode so a cached file loads and a missing one fails
+    at once."""
     import socket
 
     import huggingface_hub.constants as hf_constants
@@ -140,7 +142,8 @@ def _check_tag(model_name: str, tag: str) -> None:
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if tag not in tags:
         allowed = ", ".join(tags) if tags else "none (pass a local checkpoint file)"
-        raise UserError(f"unknown pretrained tag {tag!r} for {model_name}; known tags: {allowed}; or pass a checkpoint path")
+        raise UserError(f"unknown pretrained tag {tag!r} for {model_name}; "
+                        f"known tags: {allowed}; or pass a checkpoint path")
 
 
 def load_model(name: str | None = None, pretrained: str | None = None, *, device: str = "cpu") -> LoadedModel:
@@ -173,7 +176,8 @@ def load_model(name: str | None = None, pretrained: str | None = None, *, device
         except Exception as exc:
             raise UserError(
                 f"weights {model_name}/{pretrained} are not cached and could not be downloaded "
-                f"({type(exc).__name__}); download the checkpoint elsewhere and pass --pretrained /path/to/file.safetensors"
+                f"({type(exc).__name__}); download the checkpoint elsewhere "
+                "and pass --pretrained /path/to/file.safetensors"
             ) from None
         finally:
             logging.disable(logging.NOTSET)

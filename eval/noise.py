@@ -21,7 +21,8 @@ def noise_seed(image_id: object, severity: float) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
-def gaussian_noise(ids: Sequence[object] | np.ndarray, severity: float, shape: tuple[int, ...]) -> Float[Tensor, "b c h w"]:
+def gaussian_noise(ids: Sequence[object] | np.ndarray, severity: float,
+                   shape: tuple[int, ...]) -> Float[Tensor, "b c h w"]:
     """ε for each image (one CPU generator per image), stacked."""
     out = torch.empty((len(ids), *shape), dtype=torch.float32)
     g = torch.Generator(device="cpu")
@@ -31,7 +32,8 @@ def gaussian_noise(ids: Sequence[object] | np.ndarray, severity: float, shape: t
     return out
 
 
-def add_noise(x: Float[Tensor, "b c h w"], ids: Sequence[object] | np.ndarray, severity: float) -> Float[Tensor, "b c h w"]:
+def add_noise(x: Float[Tensor, "b c h w"], ids: Sequence[object] | np.ndarray,
+              severity: float) -> Float[Tensor, "b c h w"]:
     """clip(x + c·ε, 0, 1) with per-image seeded ε (x on any device; noise is drawn on the CPU)."""
     eps = gaussian_noise(ids, severity, tuple(x.shape[1:])).to(x.device)
     return (x + float(severity) * eps).clamp_(0.0, 1.0)

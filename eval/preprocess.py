@@ -142,7 +142,8 @@ def _tensor_path(pre: Sequence[Any]) -> TensorPath | None:
             steps.append(("resize", size, t.max_size, t.interpolation))
         elif isinstance(t, T.CenterCrop):
             steps.append(("crop", tuple(t.size)))
-        elif (name == "MaybeConvertMode" and getattr(t, "mode", None) == "RGB") or getattr(t, "__name__", "") == "_convert_to_rgb":
+        elif ((name == "MaybeConvertMode" and getattr(t, "mode", None) == "RGB")
+              or getattr(t, "__name__", "") == "_convert_to_rgb"):
             steps.append(("rgb",))
         elif isinstance(t, T.ToTensor) and i == len(pre) - 1:
             steps.append(("to_tensor",))

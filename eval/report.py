@@ -84,6 +84,10 @@ def format_table(metrics: pd.DataFrame, variants: Sequence[str] | None = None, h
             cells.append("—" if pd.isna(a) or pd.isna(b) else f"{a - b:+.4f}")
         lines.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def fmt(cells):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
     out = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines]
     return "\n".join(out)

@@ -9,8 +9,9 @@ import fnmatch
 import sys
 from typing import Sequence
 
-from eval.cli import ArgumentParser, check_out, cli_main
+from eval.cli import ArgumentParser, cli_main
 from eval.errors import UserError
+from eval.folders import check_out, claim
 
 from .catalog import FIGURES
 from .io import Results
@@ -22,6 +23,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m figures", description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", metavar="RESULTS_DIR", help="results folder(s) (METHODS §8 layout)")
     p.add_argument("--out", required=True, help="folder for the figures (created if missing)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out that another command made")
     p.add_argument("--size", default="single", choices=tuple(WIDTHS_IN),
                    help="single column (3.3 in wide) or double column (6.9 in)")
     p.add_argument("--only", default=None,
@@ -68,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not jobs:
         reasons = "; ".join(skipped) or "no figure matched --variants"
         raise UserError(f"nothing to plot from {results.label}: {reasons}")
+    claim(out, "python -m figures", force=args.force)
     from tqdm import tqdm
 
     written = 0

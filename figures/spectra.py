@@ -22,7 +22,7 @@ def representative_matrices(spectra: pd.DataFrame) -> pd.DataFrame:
     rows = []
     df = spectra.drop_duplicates("matrix").copy()
     df["_block"] = pd.to_numeric(df["block"], errors="coerce") if "block" in df.columns else np.nan
-    for (tower, kind), g in df.groupby(["tower", "kind"], sort=True):
+    for (_tower, _kind), g in df.groupby(["tower", "kind"], sort=True):
         g = g.sort_values(["_block", "matrix"], na_position="first")
         rows.append(g.iloc[(len(g) - 1) // 2][["matrix", "tower", "kind", "_block"]])
     out = pd.DataFrame(rows).rename(columns={"_block": "block"}).reset_index(drop=True)

@@ -65,7 +65,8 @@ def sweep_figure(df: pd.DataFrame, fp: pd.DataFrame, dataset: str, size: str = "
                 if f.empty:
                     continue
                 color, gid = family_color(fam), tag(fam, "*")
-                ax.plot(f["x"], k * f["value"], lw=0, marker=family_marker(fam), color=color, ms=2.5, alpha=0.6, gid=gid)
+                ax.plot(f["x"], k * f["value"], lw=0, marker=family_marker(fam), color=color, ms=2.5, alpha=0.6,
+                        gid=gid)
                 mean = f.groupby("x")["value"].mean()
                 ax.plot(mean.index, k * mean.to_numpy(), color=color, marker=family_marker(fam), lw=1.0, gid=gid)
             ax.set_title(metric_label(metric, score), pad=2)

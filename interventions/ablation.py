@@ -22,15 +22,17 @@ import pandas as pd
 
 from eval import stats as S
 from eval.atomic import write_frame, write_json, write_text
-from eval.cli import ArgumentParser, add_model_args, check_device, check_out, cli_main
+from eval.cli import ArgumentParser, add_model_args, check_device, cli_main
 from eval.errors import UserError
+from eval.folders import check_out, claim
 from eval.version import code_version, set_code_version
+from interventions.cli import add_eval_options, eval_options
 from interventions.grid import ALL_CONTROLS, MATCH_CRITERIA, Grid, control_spec, parse_seeds
 from interventions.referee.compare import COLUMNS, EXTRA_COLUMNS, Group, adjust, compare_endpoint
 from interventions.referee.endpoints import endpoints_of
 from interventions.referee.tables import compact_table
 from interventions.referee.verdict import REPRO, headline_endpoints, verdicts
-from interventions.runner import Planned, Runner, plan, run_plan
+from interventions.runner import Planned, Runner, plan, run_plan, threads
 from interventions.session import Session
 from interventions.store import ResultsStore, Shard
 
@@ -53,15 +55,18 @@ def _control_items(controls: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def groups_of(planned: Sequence[Planned], runner: Runner, quant: str, match: str, items: Sequence[str]) -> list[Group]:
-    """Every run's per-sample outputs, grouped into FP, the quantizer and one group per control item (seeds in order)."""
+def groups_of(planned: Sequence[Planned], runner: Runner, quant: str, match: str,
+              items: Sequence[str]) -> list[Group]:
+    """Every run's per-sample outputs, grouped into FP, the quantizer and one group per control item \
+(seeds in order)."""
     by_edit: dict[str | None, list[Planned]] = {}
     for t in planned:
         by_edit.setdefault(t.point.edit, []).append(t)
 
     def group(control: str, spec: str, family: str, match_: str | None, edit: str | None) -> Group:
         entries = sorted(by_edit[edit], key=lambda t: t.point.seed)
-        return Group(control, spec, family, match_, [runner.outputs(t.point) for t in entries], [t.key for t in entries])
+        return Group(control, spec, family, match_, [runner.outputs(t.point) for t in entries],
+                     [t.key for t in entries])
 
     from interventions.registry import parse_edit
 
@@ -109,20 +114,28 @@ def _parser() -> ArgumentParser:
     ap.add_argument("--quant", default=DEFAULT_QUANT, help=f"quantizer spec (default {DEFAULT_QUANT})")
     ap.add_argument("--controls", nargs="+", default=None,
                     help=f"control families, or 'all' (every family + e5); default: {' '.join(DEFAULT_CONTROLS)}")
-    ap.add_argument("--match", default="fro", help=f"matching criterion: {', '.join(MATCH_CRITERIA)} (default fro)")
+    ap.add_argument("--match", default="fro",
+                    help=f"matching criterion: {', '.join(MATCH_CRITERIA)} (default fro)")
     ap.add_argument("--seeds", default=str(DEFAULT_SEEDS),
-                    help=f"seeds of stochastic controls: a count N (seeds 0..N−1) or a comma list (default {DEFAULT_SEEDS})")
-    ap.add_argument("--layers", default="core", help="selector of the matrices the quantizer (and so every control) edits")
+                    help="seeds of stochastic controls: a count N (seeds 0..N−1) or a comma list "
+                         f"(default {DEFAULT_SEEDS})")
+    ap.add_argument("--layers", default="core",
+                    help="selector of the matrices the quantizer (and so every control) edits")
     ap.add_argument("--datasets", default=DEFAULT_DATASETS,
-                    help=f"evaluation suite (eval.dataset_specs; default {DEFAULT_DATASETS}; 'embedded' = all embedded sets)")
-    ap.add_argument("--scores", default=",".join(DEFAULT_SCORES), help="OOD scores to compare (mcm, msp, maxlogit, energy)")
+                    help=f"evaluation suite (eval.dataset_specs; default {DEFAULT_DATASETS}; "
+                         "'embedded' = all embedded sets)")
+    add_eval_options(ap, batch_size=256, noise_subset=2000, severities=False)  # the evaluator's defaults
+    ap.add_argument("--scores", default=",".join(DEFAULT_SCORES),
+                    help="OOD scores to compare (mcm, msp, maxlogit, energy)")
     ap.add_argument("--noise", action="store_true", help="include the noise-robustness severities (METHODS §5)")
     ap.add_argument("--B", type=int, default=S.DEFAULT_B, help=f"bootstrap resamples (default {S.DEFAULT_B})")
     ap.add_argument("--headline", action="store_true", help=f"B = {S.HEADLINE_B} (headline numbers)")
     ap.add_argument("--stats-seed", type=int, default=0, help="seed of the bootstrap resamples (>= 0)")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"results folder; re-running resumes (default {DEFAULT_OUT})")
-    ap.add_argument("--shard", default=None, help="i/n: run only this share of the variants (statistics once all are done)")
+    ap.add_argument("--shard", default=None,
+                    help="i/n: run only this share of the variants (statistics once all are done)")
     ap.add_argument("--code-version", default=None, help="pin the code version recorded in run keys")
+    ap.add_argument("--force", action="store_true", help="write into a non-empty --out that another command made")
     return ap
 
 
@@ -151,7 +164,8 @@ def _validated(args: Any) -> tuple[Grid, int, tuple[str, ...], list[str], str]:
         control_spec(c, qspec, args.match)
     grid = Grid(experiment="reliability", model=args.model, pretrained=args.pretrained, layers=args.layers,
                 quant=(qspec,), controls=("none", *items), match=(args.match,), seeds=parse_seeds(args.seeds),
-                datasets=(args.datasets,), include_fp=True, options={} if args.noise else {"noise_severities": []},
+                datasets=(args.datasets,), include_fp=True,
+                options={**eval_options(args), **({} if args.noise else {"noise_severities": []})},
                 device=args.device)
     return grid, B, scores, items, qspec
 
@@ -173,10 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     fp_suite = session.evaluator(args.datasets)
     fp_roles = {d.role for d in fp_suite.datasets}
     if not fp_roles & {"id", "shift", "spurious"}:
-        raise UserError("the datasets give nothing to compare (need an id/shift/spurious set or OOD sets with an ID set)")
+        raise UserError("the datasets give nothing to compare "
+                        "(need an id/shift/spurious set or OOD sets with an ID set)")
 
     # ---- run (resumable, shardable)
-    summary = run_plan(session, out, shard, planned=planned, progress=progress)
+    summary = run_plan(session, out, shard, planned=planned, progress=progress,
+                       claim=lambda: claim(out, "python -m interventions.ablation", force=args.force))
     print(summary.line(shard))
     store = ResultsStore(out)
     missing = [t.key for t in planned if not store.is_done(t.key)]
@@ -211,14 +227,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "model": session.model_info(), "quant": qspec, "controls": items, "match": args.match,
                 "seeds": list(grid.seeds), "layers": args.layers, "datasets": args.datasets, "scores": list(scores),
                 "noise": args.noise, "B": B, "stats_seed": args.stats_seed, "repro_threshold": REPRO,
-                "runs": [t.key for t in planned], "code_version": code_version(), "evaluation": fp_suite.describe()},
+                "runs": [t.key for t in planned], "threads": threads(), "code_version": code_version(),
+                "evaluation": fp_suite.describe()},
                out / "config.json")
     print()
     print(table)
     print()
     for line in notes + lines:
         print(line)
-    print(f"\nwrote {out}/comparisons.csv ({len(comp)} records), verdict.txt, config.json; {time.perf_counter() - t0:.0f} s")
+    print(f"\nwrote {out}/comparisons.csv ({len(comp)} records), verdict.txt, config.json; "
+          f"{time.perf_counter() - t0:.0f} s")
     return 0
 
 

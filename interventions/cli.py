@@ -1,4 +1,5 @@
-"""The single-experiment CLIs (`python -m interventions.lowrank|damping|noise|clipping|quantize|edit`, `python -m eval`).
+"""The single-experiment CLIs (`python -m interventions.lowrank|damping|noise|clipping|quantize|edit`, \
+`python -m eval`).
 
 Each is a small plan — full precision (`fp`) plus its edits — run through the one runner and the results store
 (`interventions.runner`): validate everything first (one-line error, exit 2, nothing written), run the points
@@ -20,8 +21,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from eval.cli import ArgumentParser, add_model_args, check_device, check_out
+from eval.cli import ArgumentParser, add_model_args, check_device
 from eval.errors import UserError
+from eval.folders import check_out, claim
 from interventions.grid import Grid, Point, expand, parse_seed, parse_seeds
 from interventions.matching import CRITERIA, DEFAULT_QUANT, quantizer
 
@@ -36,8 +38,6 @@ def progress_enabled() -> bool:
 def common_parser(prog: str, description: str, *, edits: bool = True, batch_size: int = 256,
                   noise_subset: int = DEFAULT_NOISE_SUBSET, out_required: bool = False, **kw: Any) -> ArgumentParser:
     """The options every single-experiment CLI shares (`edits=False`: `python -m eval`, full precision only)."""
-    from eval.noise import DEFAULT_SEVERITIES
-    from eval.zeroshot import TEMPLATE_SETS
     from spectral.selector import PRESETS
 
     p = ArgumentParser(prog=prog, description=description, **kw)
@@ -45,37 +45,79 @@ def common_parser(prog: str, description: str, *, edits: bool = True, batch_size
     if edits:
         p.add_argument("--layers", default="core",
                        help=f"selector of the matrices to edit: preset ({', '.join(PRESETS)}) and/or key=value clauses "
-                            "joined by ';' (e.g. 'mlp-only;block=0-5', 'tower=text'); e6 scope ablations are the presets")
+                            "joined by ';' (e.g. 'mlp-only;block=0-5', 'tower=text'); "
+                            "e6 scope ablations are the presets")
         p.add_argument("--match-quant", default=None, metavar="SPEC",
-                       help=f"quantizer whose Ŵ defines the controls and their matched strength (default {DEFAULT_QUANT})")
+                       help="quantizer whose Ŵ defines the controls and their matched strength "
+                            f"(default {DEFAULT_QUANT})")
         p.add_argument("--match", default="fro", choices=CRITERIA,
                        help="matching criterion for a control's free parameter: fro (M1 ‖W′−W‖=‖E‖), output (M2, "
                             "calibration inputs), stable-rank (M3), none (give the strength explicitly)")
         seeds = p.add_mutually_exclusive_group()
-        seeds.add_argument("--seeds", default="1", help="seeds of stochastic edits: a count N (seeds 0..N−1) or a comma "
-                                                        "list (0,3,7); default 1 (seed 0)")
+        seeds.add_argument("--seeds", default="1",
+                           help="seeds of stochastic edits: a count N (seeds 0..N−1) or a comma "
+                                "list (0,3,7); default 1 (seed 0)")
         seeds.add_argument("--seed", default=None, help="one seed S for stochastic edits")
     p.add_argument("--datasets", default=None,
                    help="comma-separated embedded set names or KIND[:NAME]=PATH[?opts] (eval/dataset_specs.py); "
                         "default: the embedded sets")
-    allowed = [*TEMPLATE_SETS, "dataset"]
-    p.add_argument("--templates", default="dataset", choices=allowed,
-                   help="template set for the classifier (default: each dataset's own)")
-    p.add_argument("--mcm-templates", default="single", choices=[*allowed, "same"],
-                   help="template set for the MCM score (METHODS §7: single); 'same' reuses --templates")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per forward pass (default {batch_size})")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for image files (0: in-process)")
-    p.add_argument("--noise-severities", default=",".join(f"{c:g}" for c in DEFAULT_SEVERITIES),
-                   help="comma-separated c values for x' = clip(x + c·eps, 0, 1), or 'none'")
-    p.add_argument("--noise-subset", type=int, default=noise_subset,
-                   help=f"images per ID set for noise robustness (0: all; default {noise_subset})")
+    add_eval_options(p, batch_size=batch_size, noise_subset=noise_subset)
     if edits:
         p.add_argument("--spectra", default="auto", choices=("auto", "on", "off"),
                        help="also write spectra of fp and every variant (auto: when small)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out that another command (or no command of this toolkit) made")
     p.add_argument("--out", required=out_required, default=None,
                    help="results folder (METHODS §8 files and the store); re-running resumes" +
                         ("" if out_required else "; default: print only"))
     return p
+
+
+def add_eval_options(p: ArgumentParser, *, batch_size: int = 256, noise_subset: int = DEFAULT_NOISE_SUBSET,
+                     severities: bool = True, defaults: bool = True) -> None:
+    """The evaluator options every evaluating command takes (`defaults=False`: unset flags stay None, so a grid
+    file's options stand)."""
+    from eval.noise import DEFAULT_SEVERITIES
+    from eval.zeroshot import TEMPLATE_SETS
+
+    def d(value: Any) -> Any:
+        return value if defaults else None
+
+    allowed = [*TEMPLATE_SETS, "dataset"]
+    p.add_argument("--templates", default=d("dataset"), choices=allowed,
+                   help="template set for the classifier (default: each dataset's own)")
+    p.add_argument("--mcm-templates", default=d("single"), choices=[*allowed, "same"],
+                   help="template set for the MCM score (METHODS §7: single); 'same' reuses --templates")
+    p.add_argument("--batch-size", type=int, default=d(batch_size),
+                   help=f"images per forward pass (default {batch_size})")
+    p.add_argument("--workers", type=int, default=d(0), help="DataLoader workers for image files (0: in-process)")
+    if severities:
+        p.add_argument("--noise-severities", default=d(",".join(f"{c:g}" for c in DEFAULT_SEVERITIES)),
+                       help="comma-separated c values for x' = clip(x + c·eps, 0, 1), or 'none'")
+    p.add_argument("--noise-subset", type=int, default=d(noise_subset),
+                   help=f"images per ID set for noise robustness (0: all; default {noise_subset})")
+
+
+def eval_options(args: Namespace) -> dict[str, Any]:
+    """Evaluator options from the shared flags that were given (None: not given), validated."""
+    for flag, value, lo in (("--batch-size", args.batch_size, 1), ("--noise-subset", args.noise_subset, 0),
+                            ("--workers", args.workers, 0)):
+        if value is not None and value < lo:
+            raise UserError(f"{flag} must be >= {lo}, got {value}")
+    opts: dict[str, Any] = {}
+    if args.templates is not None:
+        opts["templates"] = args.templates
+    if args.mcm_templates is not None:
+        opts["mcm_templates"] = args.templates if args.mcm_templates == "same" else args.mcm_templates
+    if args.batch_size is not None:
+        opts["batch_size"] = args.batch_size
+    if args.noise_subset is not None:
+        opts["noise_subset"] = args.noise_subset or None  # 0: every image
+    if args.workers is not None:
+        opts["num_workers"] = args.workers
+    if getattr(args, "noise_severities", None) is not None:
+        opts["noise_severities"] = list(parse_severities(args.noise_severities))
+    return opts
 
 
 def parse_severities(text: str) -> tuple[float, ...]:
@@ -89,18 +131,6 @@ def parse_severities(text: str) -> tuple[float, ...]:
     if any(not 0 < v < float("inf") for v in vals):
         raise UserError(f"--noise-severities must be positive finite numbers, got {text!r}")
     return vals
-
-
-def _options(args: Namespace) -> dict[str, Any]:
-    """Evaluator options from the shared flags, validated."""
-    for flag, value, lo in (("--batch-size", args.batch_size, 1), ("--noise-subset", args.noise_subset, 0),
-                            ("--workers", args.workers, 0)):
-        if value < lo:
-            raise UserError(f"{flag} must be >= {lo}, got {value}")
-    mcm = args.templates if args.mcm_templates == "same" else args.mcm_templates
-    return {"templates": args.templates, "mcm_templates": mcm, "batch_size": args.batch_size,
-            "noise_severities": list(parse_severities(args.noise_severities)),
-            "noise_subset": args.noise_subset or None, "num_workers": args.workers}
 
 
 def _check_variants(points: Sequence[Point], specs: Sequence[str]) -> None:
@@ -124,7 +154,7 @@ def run(args: Namespace, specs: Sequence[str], command: str, argv: Sequence[str]
     out = check_out(args.out)
     edits = hasattr(args, "match")
     seeds = (parse_seed(args.seed) if args.seed is not None else parse_seeds(args.seeds)) if edits else (0,)
-    options = _options(args)
+    options = eval_options(args)
     if edits and args.match_quant is not None:
         quantizer(args.match_quant)
     layers = getattr(args, "layers", "core")
@@ -148,7 +178,8 @@ def run(args: Namespace, specs: Sequence[str], command: str, argv: Sequence[str]
     # ---- run (through the store: resumable, reuses finished runs)
     with tempfile.TemporaryDirectory(prefix="clip-spectral-") as scratch:
         root = out if out is not None else Path(scratch)
-        summary = run_plan(session, root, points=points, progress=progress_enabled())
+        summary = run_plan(session, root, points=points, progress=progress_enabled(),
+                           claim=lambda: claim(root, command, force=args.force or out is None))
         print(summary.line(Shard()))
         _print_table(summary.tables.get("metrics"), order)
         if out is not None:
@@ -168,6 +199,7 @@ def _write(session: Any, summary: Any, out: Path, command: str, argv: Sequence[s
            seeds: Sequence[int], order: Sequence[str]) -> None:
     from eval.atomic import write_json
     from eval.version import code_version
+    from interventions.runner import threads
     from interventions.store import ResultsStore
 
     ResultsStore(out).link_arrays(summary.keys)
@@ -180,7 +212,7 @@ def _write(session: Any, summary: Any, out: Path, command: str, argv: Sequence[s
         "variants": [v for v in order if v != "fp"], "act": grid.act, "runs": summary.keys,
         "coverage": float(edits["coverage"].max()) if edits is not None and "coverage" in edits else None,
         "evaluation": session.evaluator(grid.datasets[0] if grid.datasets else None).describe(),
-        "options": dict(grid.options), "code_version": code_version(),
+        "options": dict(grid.options), "threads": threads(), "code_version": code_version(),
     }, out / "config.json")
     names = sorted(f"{n}.csv" for n in summary.tables) + ["samples/", "config.json"]
     print(f"\nwrote {out}/: {', '.join(names)}" + (", spectra/" if (out / "spectra").is_dir() else ""))
@@ -188,7 +220,8 @@ def _write(session: Any, summary: Any, out: Path, command: str, argv: Sequence[s
 
 def main_for(build: Callable[[ArgumentParser], None], specs_of: Callable[[Namespace], Sequence[str]], prog: str,
              description: str, **parser_kw: Any) -> Callable[[Sequence[str] | None], int]:
-    """A CLI entry point: the shared options + `build`'s own; `specs_of(args)` turns the parsed options into edit specs."""
+    """A CLI entry point: the shared options + `build`'s own; `specs_of(args)` turns the parsed options into edit \
+specs."""
 
     def main(argv: Sequence[str] | None = None) -> int:
         parser = common_parser(prog, description, **parser_kw)
@@ -199,4 +232,4 @@ def main_for(build: Callable[[ArgumentParser], None], specs_of: Callable[[Namesp
     return main
 
 
-__all__ = ["common_parser", "main_for", "parse_severities", "run"]
+__all__ = ["add_eval_options", "common_parser", "eval_options", "main_for", "parse_severities", "run"]

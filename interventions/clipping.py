@@ -1,4 +1,5 @@
-"""`python -m interventions.clipping`: clipping only / rounding only / dead zone only (METHODS §3 d) against full precision.
+"""`python -m interventions.clipping`: clipping only / rounding only / dead zone only (METHODS §3 d) \
+against full precision.
 
 `--mode clip` (default: clamp to the quantizer's own ranges; identity under min-max), `round` (the quantizer with
 min-max ranges), `deadzone` (zero |W| < Δ/2); several modes give several variants. The quantizer is `--match-quant`.
@@ -15,7 +16,8 @@ MODES = ("clip", "round", "deadzone")
 
 
 def _build(p: ArgumentParser) -> None:
-    p.add_argument("--mode", nargs="+", default=["clip"], choices=MODES, help="ingredient(s) of the quantizer; default clip")
+    p.add_argument("--mode", nargs="+", default=["clip"], choices=MODES,
+                   help="ingredient(s) of the quantizer; default clip")
 
 
 def _specs(args: Namespace) -> list[str]:

@@ -17,7 +17,8 @@ from interventions.controls.damping import MODES, SHRINKS
 
 def _build(p: ArgumentParser) -> None:
     p.add_argument("--mode", nargs="+", default=["gains"], choices=MODES, help="damping control(s); default gains (b3)")
-    p.add_argument("--value", type=float, default=None, help="τ/σ₁ (tikhonov, soft) or γ (tail); default: matched to the quantizer")
+    p.add_argument("--value", type=float, default=None,
+                   help="τ/σ₁ (tikhonov, soft) or γ (tail); default: matched to the quantizer")
     p.add_argument("--at", type=float, default=None, help="tail start ρ for --mode tail (default 0.5)")
 
 

@@ -3,7 +3,8 @@
 Every command is a plan of points: a single intervention CLI is full precision plus its explicit edits, a sweep
 or an ablation is quantizers × controls × matching × seeds × datasets. A point is pure data; the runner
 (`interventions.runner`) turns it into a result. Grid keys: experiment, model, pretrained, layers, quant,
-controls (`none` = the quantizer itself, `all` = every family, e5 only when evaluating), edits (explicit edit specs, matched to the first
+controls (`none` = the quantizer itself, `all` = every family, e5 only when evaluating), edits (explicit edit specs, \
+matched to the first
 quant and match), match, seeds (`N` = seeds 0..N−1, or a list), datasets, include_fp, act (activation
 fake-quant of every quantizer point, W·A·), options (evaluator/experiment options), device.
 """

@@ -16,7 +16,8 @@ from interventions.controls.noise import ALIASES, DISTS, KINDS
 
 
 def _build(p: ArgumentParser) -> None:
-    p.add_argument("--kind", nargs="+", default=["c1"], choices=KINDS + tuple(ALIASES), help="noise control(s); default c1")
+    p.add_argument("--kind", nargs="+", default=["c1"], choices=KINDS + tuple(ALIASES),
+                   help="noise control(s); default c1")
     p.add_argument("--dist", default=None, choices=DISTS, help="c1 distribution (default gauss)")
     p.add_argument("--group", type=int, default=None, help="group size for c1-group (default 128)")
     p.add_argument("--scale", type=float, default=None, help="fixed noise multiplier instead of matching (0 returns W)")

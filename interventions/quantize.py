@@ -20,7 +20,8 @@ from interventions.matching import DEFAULT_QUANT, quantizer
 def _build(p: ArgumentParser) -> None:
     p.add_argument("--spec", nargs="+", default=[DEFAULT_QUANT],
                    help=f"quantizer spec(s); default {DEFAULT_QUANT}; or a seed setting: {', '.join(SEED_SETTINGS)}")
-    p.add_argument("--act", default=None, help="activation fake-quant on the quantized maps' inputs: a8, a6, a4 (+ -ema)")
+    p.add_argument("--act", default=None,
+                   help="activation fake-quant on the quantized maps' inputs: a8, a6, a4 (+ -ema)")
 
 
 def _specs(args: Namespace) -> list[str]:

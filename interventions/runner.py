@@ -180,7 +180,8 @@ def edit_experiment(p: Point, runner: "Runner") -> RunResult:
     views = runner.session.views(model)
     svals = {v.name: torch.linalg.svdvals(v.get().detach().to(torch.float64)) for v in views}
     spectra = pd.DataFrame([{"variant": p.variant, "matrix": v.name,
-                             **spectrum_metrics(svals[v.name], tuple(v.shape), v.param.dtype, fit=False)} for v in views])
+                             **spectrum_metrics(svals[v.name], tuple(v.shape), v.param.dtype, fit=False)}
+                            for v in views])
     tables = {"spectra": spectra, **_edit_tables(p, runner, model, report)}
     arrays = {f"spectra/{variant_filename(p.variant)}": {k: s.numpy() for k, s in svals.items()}}
     return RunResult(tables=tables, arrays=arrays)
@@ -258,7 +259,7 @@ class Runner:
     def result(self, p: Point) -> StoredRun:
         """The stored run of `p`, computed and published first if the store does not hold it."""
         cfg = point_config(p, self.session)
-        run, computed = self.store.get_or_run(cfg, lambda: self.experiment.run(p, self))
+        run, computed = self.store.get_or_run(cfg, lambda: self.experiment.run(p, self), meta={"threads": threads()})
         if computed:
             self.ran.append(run.key)
         return run
@@ -312,18 +313,46 @@ class Summary:
                 f"{self.ran} ran in {self.seconds:.1f} s; merged {len(self.tables.get('runs', []))} finished runs")
 
 
-def run_plan(session: Session, out: str | Path, shard: Shard = Shard(), *, points: Sequence[Point] | None = None,
+def threads() -> int:
+    """The intra-op thread count: float sums (and so results, in the last bits) depend on it."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def warn_mixed_threads(store: ResultsStore, keys: Sequence[str]) -> str | None:
+    """A warning when finished runs of the plan were computed with another thread count than this process's."""
+    now = threads()
+    other = [m["threads"] for k in keys
+             if store.is_done(k) and "threads" in (m := store.meta(k)) and m["threads"] != now]
+    if not other:
+        return None
+    return (f"warning: {len(other)} finished run(s) in {store.root} were computed with {sorted(set(other))} thread(s) "
+            f"and this process uses {now}: results can differ in the last bits (set OMP_NUM_THREADS to match)")
+
+
+SERIAL = Shard()
+
+
+def run_plan(session: Session, out: str | Path, shard: Shard = SERIAL, *, points: Sequence[Point] | None = None,
              planned: Sequence[Planned] | None = None, progress: bool = True, merge_only: bool = False,
-             verbose: bool = True) -> Summary:
+             verbose: bool = True, claim: Callable[[], None] | None = None) -> Summary:
     """Run this shard's unfinished points (default: the grid's plan) through the store, then rewrite the merged
-    tables of the plan."""
+    tables of the plan. `claim` runs once everything is validated, before anything is written (the manifest)."""
+    import sys
+
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     planned = list(planned) if planned is not None else plan(session, points)
     experiment = EXPERIMENTS[session.grid.experiment]
     experiment.validate(session, planned)
+    if claim is not None:
+        claim()
     store = ResultsStore(out)
+    warning = warn_mixed_threads(store, [t.key for t in planned])
+    if warning:
+        print(warning, file=sys.stderr)
     store.clean_stale()
     runner = Runner(session, store, progress=progress, verbose=verbose)
     mine = [t for t in planned if shard.owns(t.key)]
@@ -336,7 +365,8 @@ def run_plan(session: Session, out: str | Path, shard: Shard = Shard(), *, point
     return Summary(len(planned), len(mine), skipped, len(runner.ran), time.perf_counter() - t0, tables, keys)
 
 
-def merge(store: ResultsStore, keys: Sequence[str], experiment: Experiment, attempts: int = 5) -> dict[str, pd.DataFrame]:
+def merge(store: ResultsStore, keys: Sequence[str], experiment: Experiment,
+          attempts: int = 5) -> dict[str, pd.DataFrame]:
     """Rewrite the merged tables of the plan's finished runs until no other shard published one meanwhile."""
     wanted = set(keys)
     tables: dict[str, pd.DataFrame] = {}
@@ -352,5 +382,5 @@ def finished(store: ResultsStore, planned: Sequence[Planned]) -> bool:
     return all(store.is_done(t.key) for t in planned)
 
 
-__all__ = ["EXPERIMENTS", "Planned", "Runner", "Summary", "dependencies", "edit_model", "finished", "merge", "plan", "point_config",
-           "run_plan"]
+__all__ = ["EXPERIMENTS", "Planned", "Runner", "Summary", "dependencies", "edit_model", "finished", "merge", "plan",
+           "point_config", "run_plan"]

@@ -57,7 +57,8 @@ class Session:
                 "checkpoint_hash": info.checkpoint_hash}
 
     def views(self, model: nn.Module | None = None) -> list[Any]:
-        """The selected weight views of `model` (default: the unedited model); a selector matching nothing is an error."""
+        """The selected weight views of `model` (default: the unedited model); a selector matching nothing is an \
+error."""
         from spectral.selector import select
         from spectral.views import weight_views
 
@@ -90,7 +91,8 @@ class Session:
             datasets = self.evaluator(suite).datasets
             cal = next((d for d in datasets if d.role == "calibration"), None)
             if cal is None:
-                raise UserError("this needs a calibration-role dataset (--match output, temperature, --act); add one to "
+                raise UserError("this needs a calibration-role dataset (--match output, temperature, --act); "
+                                "add one to "
                                 "--datasets (e.g. ...?role=calibration) or use the embedded sets")
             idx = torch.linspace(0, len(cal) - 1, min(n, len(cal))).round().long().unique().tolist()
             images = torch.stack([self.loaded.preprocess(cal.image(i)) for i in idx])

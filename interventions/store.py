@@ -213,7 +213,8 @@ class ResultsStore:
                 removed.append(p.name)
         return removed
 
-    def publish(self, config: Mapping[str, Any], result: RunResult, *, meta: Mapping[str, Any] | None = None) -> StoredRun:
+    def publish(self, config: Mapping[str, Any], result: RunResult, *,
+                meta: Mapping[str, Any] | None = None) -> StoredRun:
         """Write a run's files into a temp folder, then publish them with one rename (first writer wins)."""
         key = run_key(config)
         final = self.path(key)
@@ -225,7 +226,8 @@ class ResultsStore:
         tmp.mkdir()
         try:
             cfg = dict(config)
-            (tmp / "config.json").write_text(json.dumps({"key": key, **cfg}, sort_keys=True, indent=1, default=_jsonable))
+            (tmp / "config.json").write_text(json.dumps({"key": key, **cfg}, sort_keys=True, indent=1,
+                                                        default=_jsonable))
             for name, df in sorted(result.tables.items()):
                 (tmp / "tables").mkdir(exist_ok=True)
                 for fmt in ("parquet", "csv"):
@@ -235,7 +237,8 @@ class ResultsStore:
                 p.parent.mkdir(parents=True, exist_ok=True)
                 with open(p, "wb") as f:
                     np.savez(f, **{k: np.asarray(v) for k, v in arrs.items()})
-            info = {"key": key, "host": socket.gethostname(), "pid": os.getpid(), "finished": time.time(), **(meta or {})}
+            info = {"key": key, "host": socket.gethostname(), "pid": os.getpid(), "finished": time.time(),
+                    **(meta or {})}
             (tmp / DONE).write_text(json.dumps(info, sort_keys=True, default=_jsonable))
             _fsync_tree(tmp)
             try:
@@ -252,14 +255,23 @@ class ResultsStore:
             self.tmp_dir.rmdir()  # empty once nothing else is being written (another shard's runs keep it)
         return self.load(key)
 
-    def get_or_run(self, config: Mapping[str, Any], compute: Callable[[], RunResult]) -> tuple[StoredRun, bool]:
-        """The stored run for `config`, computing and publishing it first if needed; (run, computed?)."""
+    def get_or_run(self, config: Mapping[str, Any], compute: Callable[[], RunResult],
+                   meta: Mapping[str, Any] | None = None) -> tuple[StoredRun, bool]:
+        """The stored run for `config`, computing and publishing it first if needed (with `meta` and the wall time
+        in run.json); (run, computed?)."""
         key = run_key(config)
         if self.is_done(key):
             return self.load(key), False
         t0 = time.perf_counter()
         result = compute()
-        return self.publish(config, result, meta={"seconds": time.perf_counter() - t0}), True
+        return self.publish(config, result, meta={**(meta or {}), "seconds": time.perf_counter() - t0}), True
+
+    def meta(self, key: str) -> dict[str, Any]:
+        """A finished run's bookkeeping (run.json: host, pid, wall time, threads, …)."""
+        try:
+            return json.loads((self.path(key) / DONE).read_text())
+        except (OSError, ValueError):
+            return {}
 
     # -- merging
     def merged(self, keys: Iterable[str] | None = None) -> dict[str, pd.DataFrame]:

@@ -22,8 +22,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from eval.cli import ArgumentParser, add_model_args, check_device, check_out, cli_main
+from eval.cli import ArgumentParser, add_model_args, check_device, cli_main
+from eval.folders import check_out, claim
 from eval.version import set_code_version
+from interventions.cli import add_eval_options, eval_options
 from interventions.grid import CONTROL_ALL, CONTROL_NONE, EXPERIMENT_NAMES, MATCH_CRITERIA, Grid, load_grid, parse_seeds
 from interventions.runner import EXPERIMENTS, plan, run_plan
 from interventions.session import Session
@@ -44,11 +46,13 @@ def _parser() -> ArgumentParser:
     ap.add_argument("--match", nargs="+", default=None, help=f"matching criteria: {', '.join(MATCH_CRITERIA)}")
     ap.add_argument("--seeds", default=None, help="a count N (seeds 0..N−1) or a comma list (0,3,7)")
     ap.add_argument("--datasets", nargs="+", default=None, help="datasets (experiment reliability)")
+    add_eval_options(ap, defaults=False)  # given flags override the grid file's options
     ap.add_argument("--no-fp", action="store_true", help="do not include the full-precision runs")
     ap.add_argument("--list", action="store_true",
                     help="list the grid points of this shard and whether they are done; run nothing")
     ap.add_argument("--merge-only", action="store_true",
                     help="run nothing; only rewrite the merged tables from the grid's finished runs")
+    ap.add_argument("--force", action="store_true", help="write into a non-empty --out that another command made")
     ap.add_argument("--code-version", default=None,
                     help="pin the code version recorded in run keys (default: git describe); e.g. to resume across a "
                          "commit that changed no relevant code")
@@ -64,6 +68,7 @@ def grid_from_args(args: Any) -> Grid:
         seeds=parse_seeds(args.seeds) if args.seeds is not None else None,
         datasets=tuple(args.datasets) if args.datasets else None, include_fp=False if args.no_fp else None,
         device=args.device if args.device != "cpu" else None,
+        options={**grid.options, **eval_options(args)} if eval_options(args) else None,
     )
 
 
@@ -83,9 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         store = ResultsStore(out)
         for t in planned:
             if shard.owns(t.key):
-                print(f"{t.key}  {'done' if store.is_done(t.key) else 'todo'}  {t.point.variant}  {t.point.dataset or '-'}")
+                print(f"{t.key}  {'done' if store.is_done(t.key) else 'todo'}  "
+                      f"{t.point.variant}  {t.point.dataset or '-'}")
         return 0
-    summary = run_plan(session, out, shard, merge_only=args.merge_only, progress=session.progress, verbose=False)
+    summary = run_plan(session, out, shard, merge_only=args.merge_only, progress=session.progress, verbose=False,
+                       claim=lambda: claim(out, "python -m interventions.sweep", force=args.force))
     print(summary.line(shard))
     return 0
 

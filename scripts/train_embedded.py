@@ -100,7 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = json.loads(args.record.read_text()) if args.record.is_file() else {}
     if not args.evaluate_only:
         images, labels, summary = training_data(cfg.seed)
-        log = lambda s: print(s, flush=True)
+
+        def log(s):
+            print(s, flush=True)
+
         result = train(images, labels, args.config, cfg, log_every=50, log=log)
         save_checkpoint(result.model, args.checkpoint)
         record = {

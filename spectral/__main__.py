@@ -15,6 +15,7 @@ from typing import Sequence
 
 from eval.cli import ArgumentParser, add_model_args, check_device, cli_main
 from eval.errors import UserError
+from eval.folders import check_out, claim
 from spectral.selector import select
 from spectral.views import total_parameters, weight_views
 
@@ -22,13 +23,17 @@ from spectral.views import total_parameters, weight_views
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m spectral", description=__doc__)
     add_model_args(p)
-    p.add_argument("--layers", default=None, help="selector: preset (core, all, vision-only, text-only, attention-only, "
-                   "mlp-only, early, late) and/or key=value clauses joined by ';' (tower, kind, block, part, name, scope)")
-    p.add_argument("--list", action="store_true", help="print the weight-view table and the selected parameter fraction")
+    p.add_argument("--layers", default=None,
+                   help="selector: preset (core, all, vision-only, text-only, attention-only, "
+                        "mlp-only, early, late) and/or key=value clauses joined by ';' "
+                        "(tower, kind, block, part, name, scope)")
+    p.add_argument("--list", action="store_true",
+                   help="print the weight-view table and the selected parameter fraction")
     p.add_argument("--compare", nargs="+", action="extend", default=[], metavar="SPEC",
                    help="edit specs from the interventions registry (e.g. int4-g128-mse); each becomes a variant")
     p.add_argument("--cache-dir", default=None, help="directory for an on-disk SVD cache shared between runs")
     p.add_argument("--out", default=None, help="results folder (spectra.parquet, spectra.csv, spectra/<variant>.npz)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out that another command made")
     p.add_argument("--null-draws", type=int, default=4, help="Monte-Carlo draws of the per-row noise null (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise nulls and of stochastic edits (default 0)")
     return p
@@ -41,11 +46,13 @@ def list_views(model, layers: str | None) -> str:
     lines = [f"{'name':<40} {'tower':<7} {'block':>5} {'kind':<12} {'shape':>13} {'params':>11} sel"]
     for v in views:
         blk = "" if v.block is None else str(v.block)
-        lines.append(f"{v.name:<40} {v.tower:<7} {blk:>5} {v.kind:<12} {f'{v.shape[0]}x{v.shape[1]}':>13} {v.numel:>11,} "
+        lines.append(f"{v.name:<40} {v.tower:<7} {blk:>5} {v.kind:<12} "
+                     f"{f'{v.shape[0]}x{v.shape[1]}':>13} {v.numel:>11,} "
                      f"{'*' if v.name in names else ''}")
     total = total_parameters(model)
     sel = sum(v.numel for v in chosen)
-    lines.append(f"{len(chosen)} of {len(views)} matrices selected: {sel:,} of {total:,} parameters ({100 * sel / total:.2f}%)")
+    lines.append(f"{len(chosen)} of {len(views)} matrices selected: "
+                 f"{sel:,} of {total:,} parameters ({100 * sel / total:.2f}%)")
     return "\n".join(lines)
 
 
@@ -61,8 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.list:
         if args.out is None:
             raise UserError("python -m spectral: --out DIR is required (or pass --list)")
-        _check_dir_arg(args.out, "--out")
+        check_out(args.out)
         _check_dir_arg(args.cache_dir, "--cache-dir")
+        if args.seed < 0:
+            raise UserError(f"--seed must be an integer >= 0, got {args.seed}")
         if args.null_draws < 1:
             raise UserError(f"--null-draws must be >= 1, got {args.null_draws}")
     edits = []
@@ -73,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels = [str(e) for e in edits]
         dup = {x for x in labels if labels.count(x) > 1}
         if dup or "fp" in labels:
-            raise UserError(f"--compare: variant names must be unique and not 'fp' (got {', '.join(sorted(dup) or ['fp'])})")
+            raise UserError("--compare: variant names must be unique and not 'fp' "
+                            f"(got {', '.join(sorted(dup) or ['fp'])})")
     from eval.loading import load_model
 
     loaded = load_model(args.model, args.pretrained, device=args.device)
@@ -100,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(report.summary(), file=sys.stderr)
             variants[report.variant] = {v.name: v.get().clone() for v in select(weight_views(edited), args.layers)}
             del edited
+    claim(Path(args.out), "python -m spectral", force=args.force)
     cache = SVDCache(args.cache_dir, device=args.device, max_bytes=1 << 30)
     n_views = len(select(weight_views(loaded.model), args.layers))
     with tqdm(total=n_views, desc="spectra", unit="matrix", disable=quiet, file=sys.stderr) as bar:

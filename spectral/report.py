@@ -142,7 +142,8 @@ def analyse_matrices(
         info.setdefault(name, MatrixInfo(name, dtype=w.dtype))
         for vname, vmats in variants.items():
             if name in vmats and tuple(vmats[name].shape) != tuple(w.shape):
-                raise ValueError(f"variant {vname!r}: {name} has shape {tuple(vmats[name].shape)}, expected {tuple(w.shape)}")
+                raise ValueError(f"variant {vname!r}: {name} has shape {tuple(vmats[name].shape)}, "
+                                 f"expected {tuple(w.shape)}")
     cache = SVDCache(device=device, max_bytes=1 << 30) if cache is None else cache
     shapes = {k: (int(w.shape[0]), int(w.shape[1])) for k, w in matrices.items()}
     rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -163,8 +164,9 @@ def analyse_matrices(
         for name, w, f, s in zip(chunk, ws, facs, sigmas):
             meta = info[name]
             base = {"matrix": name, "tower": meta.tower, "kind": meta.kind, "block": meta.block}
-            metrics = cache.memo(("spectrum_metrics", tensor_hash(s), shapes[name], meta.dtype, fit),
-                                 lambda: spectrum_metrics(s, shapes[name], meta.dtype, fit=fit))
+            metrics = cache.memo(
+                ("spectrum_metrics", tensor_hash(s), shapes[name], meta.dtype, fit),
+                lambda s=s, name=name, meta=meta: spectrum_metrics(s, shapes[name], meta.dtype, fit=fit))
             rows[(FP, name)] = {"variant": FP, **base, **metrics}  # type: ignore[dict-item]
             arrays[FP][f"sigma:{name}"] = s.numpy()
             for vname, vmats in variants.items():

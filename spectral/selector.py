@@ -107,7 +107,8 @@ def parse_selector(spec: str | Selector | None) -> Selector:
             if any(ch in clause for ch in "*?."):
                 sel = replace(sel, names=sel.names + (clause,))
                 continue
-            raise UserError(f"unknown selector {clause!r}; presets: {', '.join(PRESETS)}; or key=value with keys {', '.join(KEYS)}")
+            raise UserError(f"unknown selector {clause!r}; presets: {', '.join(PRESETS)}; "
+                            f"or key=value with keys {', '.join(KEYS)}")
         key, value = (s.strip() for s in clause.split("=", 1))
         vals = tuple(v for v in value.split(",") if v)
         if key == "tower":

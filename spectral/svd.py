@@ -277,7 +277,8 @@ class SVDCache:
         atomic_write(path, lambda p: torch.save({k: v.contiguous() for k, v in tensors.items()}, p), fsync=False)
 
     # ---- computation ------------------------------------------------------------------------------------
-    def _compute(self, todo: dict[str, Tensor], vectors: bool) -> dict[str, tuple[Tensor | None, Tensor, Tensor | None]]:
+    def _compute(self, todo: dict[str, Tensor],
+                 vectors: bool) -> dict[str, tuple[Tensor | None, Tensor, Tensor | None]]:
         by_shape: dict[tuple[int, int], list[str]] = {}
         for key, w in todo.items():
             if w.ndim != 2:

@@ -24,7 +24,8 @@ TOWERS = ("visual", "text", "other")
 
 # Parameters that are never edited (METHODS §1): position/class embeddings, temperature, norms, biases.
 _NEVER = re.compile(r"(positional_embedding|pos_embed|class_embedding|cls_token|logit_scale|logit_bias)$")
-_BLOCK = re.compile(r"^(?P<prefix>visual\.transformer|transformer|text\.transformer)\.resblocks\.(?P<i>\d+)\.(?P<rest>.+)$")
+_BLOCK = re.compile(r"^(?P<prefix>visual\.transformer|transformer|text\.transformer)"
+                    r"\.resblocks\.(?P<i>\d+)\.(?P<rest>.+)$")
 _BLOCK_PARAMS = {
     "attn.out_proj.weight": ("attn.out", "out"),
     "mlp.c_fc.weight": ("mlp.fc", "fc"),
@@ -130,7 +131,8 @@ def weight_views(model: nn.Module) -> list[WeightView]:
                 continue
             if rest in _BLOCK_PARAMS:
                 suffix, kind = _BLOCK_PARAMS[rest]
-                views.append(WeightView(f"{tower}.blocks.{i}.{suffix}", tower, i, kind, pname, tuple(p.shape), True, param=p))
+                views.append(WeightView(f"{tower}.blocks.{i}.{suffix}", tower, i, kind, pname, tuple(p.shape), True,
+                                        param=p))
                 continue
         if pname in _SPECIAL:
             vname, kind, transpose = _SPECIAL[pname]

@@ -271,11 +271,12 @@ def build_results(root: Path, *, parquet: bool = True, drop_files: Sequence[str]
     comparisons["repro_hi"] = ratio + 0.3
 
     # edits.csv: the spectral variants' real rows plus sweep variants with their rank fraction.
-    for v, (fam, quant, delta, _, _) in variants.items():
+    for v, (fam, _quant, delta, _, _) in variants.items():
         if v.startswith(("lowrank:", "randproj:")):
             frac = float(v.split(":")[1])
             for name in spectra.loc[spectra["variant"] == "fp", "matrix"]:
-                edit_rows.append({"variant": v, "matrix": name, "tower": name.split(".")[0], "kind": name.split(".")[-1],
+                edit_rows.append({"variant": v, "matrix": name, "tower": name.split(".")[0],
+                                  "kind": name.split(".")[-1],
                                   "shape": "48x48", "delta": delta, "coverage": 0.9, "param_frac": 0.01,
                                   "spec": v, "family": fam, "seed": 0 if fam == "random-projection" else np.nan,
                                   "p_rank_frac": frac})

@@ -78,8 +78,8 @@ def test_noise_seeds_output_matching_and_scope(tiny_config_path, folders, tmp_pa
     from interventions.noise import main
 
     out = tmp_path / "nz"
-    args = ["--kind", "c1", "--seeds", "0,1", "--match", "output", "--layers", "vision-only", "--match-quant", "int4-ch",
-            "--spectra", "off", *_common(tiny_config_path, folders, out)]
+    args = ["--kind", "c1", "--seeds", "0,1", "--match", "output", "--layers", "vision-only",
+            "--match-quant", "int4-ch", "--spectra", "off", *_common(tiny_config_path, folders, out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "matching output to int4-ch" in printed
@@ -105,7 +105,11 @@ def test_temperature_and_quantize(tiny_config_path, folders, tmp_path, capsys):
     # the temperature-matched model's calibration confidence is the quantizer's
     fp = np.load(out / "samples" / "temperature:q=int3-ch" / "toycal.npz")["logits"].astype(np.float64)
     q = np.load(out / "samples" / "int3-ch" / "toycal.npz")["logits"].astype(np.float64)
-    conf = lambda z: (np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)).max(1).mean()  # noqa: E731
+
+    def conf(z):
+        return (np.exp(z - z.max(1, keepdims=True))
+                / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)).max(1).mean()
+
     assert conf(fp) == pytest.approx(conf(q), rel=1e-4)
     capsys.readouterr()
     out2 = tmp_path / "q"
@@ -136,7 +140,8 @@ BAD = [
     (["interventions.edit", "--spec", "wobble:3"], "unknown edit spec"),
     (["interventions.damping", "--match-quant", "int4-g100"], "quantizer spec"),
     (["interventions.noise", "--seeds", "x"], "--seeds"),
-    (["interventions.lowrank", "--rank-frac", "0.5", "--layers", "tower=text;block=40", "MODEL"], "matches no weight matrix"),
+    (["interventions.lowrank", "--rank-frac", "0.5", "--layers", "tower=text;block=40", "MODEL"],
+     "matches no weight matrix"),
 ]
 
 

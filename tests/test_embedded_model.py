@@ -119,7 +119,10 @@ def test_record_figures_are_the_metrics_rows(record):
     """Within the record, each rounded figure is its unrounded metrics.csv row ×100 (one evaluator, one source)."""
     ev = record["evaluation"]
     rows = {_row_key(r): r["value"] for r in ev["metrics"]}
-    pct = lambda v: round(100 * v, E.DIGITS)
+
+    def pct(v):
+        return round(100 * v, E.DIGITS)
+
     assert ev["accuracy_top1_pct"]["fmnist"] == pct(rows[("fmnist", "id", "top1", None, None)])
     assert ev["accuracy_top1_pct"]["fmnist-sketch"] == pct(rows[("fmnist-sketch", "shift", "top1", None, None)])
     assert ev["shift_gap_pp"] == pct(rows[("fmnist-sketch", "shift", "gap", None, None)])

@@ -28,7 +28,8 @@ def test_imagenet_layout_uses_wnid_indices_and_openai_templates(tmp_path):
             _img(tmp_path / w / f"img{j}.JPEG", seed=10 * i + j)
     ds = adapters.imagenet_folder(tmp_path)
     assert ds.labels.tolist() == [0, 0, 1, 1, 999, 999]
-    assert len(ds.class_names) == 1000 and ds.class_names[0] == IMAGENET_CLASSNAMES[0] and ds.class_names[999] == IMAGENET_CLASSNAMES[999]
+    assert (len(ds.class_names) == 1000 and ds.class_names[0] == IMAGENET_CLASSNAMES[0]
+            and ds.class_names[999] == IMAGENET_CLASSNAMES[999])
     assert len(ds.templates) == 80 and ds.templates[0].format("tench") != ds.templates[0]
     assert ds.ids[0] == f"{TENCH}/img0.JPEG" and ds.image(0).mode == "RGB" and ds.image(0).size == (9, 7)
     assert adapters.imagenet_wnids()[999] == TISSUE
@@ -73,7 +74,8 @@ def _write_cifar(root, classes):
         base = root / "cifar-10-batches-py"
         base.mkdir(parents=True)
         pickle.dump({"data": data, "labels": [0, 1, 2, 9, 3]}, open(base / "test_batch", "wb"))
-        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]},
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer",
+                                     "dog", "frog", "horse", "ship", "truck"]},
                     open(base / "batches.meta", "wb"))
     else:
         base = root / "cifar-100-python"
@@ -89,7 +91,8 @@ def test_cifar_reads_torchvision_layout(tmp_path, classes):
     ds = adapters.cifar(tmp_path, classes)
     assert len(ds) == 5 and len(ds.class_names) == classes and ds.pixels.shape == (5, 32, 32, 3)
     first = np.asarray(ds.image(0))  # CHW rows of the pickle -> HWC image
-    assert np.array_equal(first[..., 0].ravel(), data[0, :1024]) and np.array_equal(first[..., 2].ravel(), data[0, 2048:])
+    assert (np.array_equal(first[..., 0].ravel(), data[0, :1024])
+            and np.array_equal(first[..., 2].ravel(), data[0, 2048:]))
     if classes == 100:
         assert ds.labels.tolist() == [0, 99, 5, 5, 1] and ds.class_names[1] == "class 1"
     with pytest.raises(UserError, match="split"):
@@ -126,7 +129,8 @@ def test_dataset_spec_parsing(tmp_path):
     again = load_datasets(f"imagenet={tmp_path / 'inet'}?limit=3")[0]
     assert again.ids.tolist() == sets[0].ids.tolist()  # the limit subset is fixed
     for bad, msg in [(f"imagenett={tmp_path}", "unknown dataset kind"), (f"ood={tmp_path / 'nope'}", "does not exist"),
-                     (f"ood={tmp_path / 'ood1'}?limit=0", "limit"), (f"ood={tmp_path / 'ood1'}?colour=red", "bad option"),
+                     (f"ood={tmp_path / 'ood1'}?limit=0", "limit"),
+                     (f"ood={tmp_path / 'ood1'}?colour=red", "bad option"),
                      (f"ood={tmp_path / 'ood1'}?role=noise", "role"),
                      (f"ood={tmp_path / 'ood1'},ood={tmp_path / 'ood1'}", "twice")]:
         with pytest.raises(UserError, match=msg):

@@ -1,4 +1,5 @@
-"""`python -m eval`: end to end on a tiny model and generated image folders; bad input -> one line, exit 2, nothing written."""
+"""`python -m eval`: end to end on a tiny model and generated image folders; bad input -> one line, exit 2,
+nothing written."""
 from __future__ import annotations
 
 import json
@@ -39,7 +40,8 @@ def test_cli_end_to_end(tmp_path, tiny_config_path, capsys):
     files = sorted(p.name for p in (out / "samples" / "fp").iterdir())
     assert files == ["noiseimgs.npz", "pets.npz", "pets@0.1.npz", "pets@0.3.npz"]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model"]["checkpoint_hash"] and cfg["evaluation"]["noise_severities"] == [0.1, 0.3] and cfg["code_version"]
+    assert (cfg["model"]["checkpoint_hash"] and cfg["evaluation"]["noise_severities"] == [0.1, 0.3]
+            and cfg["code_version"])
     assert not list(out.rglob("*.tmp"))
 
 

@@ -29,8 +29,9 @@ def synthetic_sets(seed: int = 0, n: int = 40) -> list[ArrayImageDataset]:
     def mk(name, role, m, rgb=False, **kw):
         shape = (m, 28, 28, 3) if rgb else (m, 28, 28)
         kw.setdefault("labels", rng.integers(0, 6, m))
-        return ArrayImageDataset(name=name, role=role, class_names=kw.pop("names", CLASSES), templates=kw.pop("tpl", TEMPLATES),
-                                 ids=np.array([f"{name}-{i}" for i in range(m)]), pixels=rng.integers(0, 256, shape, dtype=np.uint8), **kw)
+        return ArrayImageDataset(name=name, role=role, class_names=kw.pop("names", CLASSES),
+                                 templates=kw.pop("tpl", TEMPLATES), ids=np.array([f"{name}-{i}" for i in range(m)]),
+                                 pixels=rng.integers(0, 256, shape, dtype=np.uint8), **kw)
 
     return [
         mk("idset", "id", n),
@@ -63,7 +64,8 @@ class Counting:
 def perturbed(model, tower: str):
     m = copy.deepcopy(model)
     with torch.no_grad():
-        p = m.visual.transformer.resblocks[0].mlp.c_fc.weight if tower == "vision" else m.transformer.resblocks[0].mlp.c_fc.weight
+        p = (m.visual.transformer.resblocks[0].mlp.c_fc.weight if tower == "vision"
+             else m.transformer.resblocks[0].mlp.c_fc.weight)
         p.add_(0.05 * torch.randn_like(p))
     return m
 
@@ -179,9 +181,11 @@ def test_metrics_csv_recomputable_from_samples(tiny_clip, tmp_path):
     z = np.load(tmp_path / "samples" / "fp" / "idset.npz")
     assert z["logits"].dtype == np.float32 and z["logits"].shape == (40, 6) and set(z.files) >= {"labels", "ids"}
     row = lambda **q: float(csv.query(" & ".join(f"{k} == {v!r}" for k, v in q.items()))["value"].iloc[0])  # noqa: E731
-    ref_ece = float(MulticlassCalibrationError(num_classes=6, n_bins=15)(torch.from_numpy(z["logits"]), torch.from_numpy(z["labels"])))
+    ref_ece = float(MulticlassCalibrationError(num_classes=6, n_bins=15)(
+        torch.from_numpy(z["logits"]), torch.from_numpy(z["labels"])))
     assert row(variant="fp", dataset="idset", metric="ece") == pytest.approx(ref_ece, abs=1e-6)
-    assert row(variant="fp", dataset="idset", metric="top1") == pytest.approx((z["logits"].argmax(1) == z["labels"]).mean())
+    assert row(variant="fp", dataset="idset", metric="top1") == pytest.approx(
+        (z["logits"].argmax(1) == z["labels"]).mean())
     far = np.load(tmp_path / "samples" / "fp" / "far.npz")
     s_id, s_far = msp_score(z["logits"]), msp_score(far["logits"])
     ref_auc = roc_auc_score(np.r_[np.ones(40), np.zeros(20)], np.r_[s_id, s_far])
@@ -190,7 +194,11 @@ def test_metrics_csv_recomputable_from_samples(tiny_clip, tmp_path):
     pred = sh["class_subset"][sh["logits"][:, sh["class_subset"]].argmax(1)]
     assert row(variant="fp", dataset="shifted", metric="top1") == pytest.approx((pred == sh["labels"]).mean())
     # ce_rel relative to fp, by hand from the noisy samples
-    err = lambda v, c: 1 - (lambda q: (q["logits"].argmax(1) == q["labels"]).mean())(np.load(tmp_path / "samples" / v / f"idset@{c}.npz"))  # noqa: E731
+
+    def err(v, c):
+        q = np.load(tmp_path / "samples" / v / f"idset@{c}.npz")
+        return 1 - (q["logits"].argmax(1) == q["labels"]).mean()
+
     assert row(variant="fp", metric="ce_rel") == pytest.approx(1.0)
     by_hand = (err("v", 0.08) + err("v", 0.26)) / (err("fp", 0.08) + err("fp", 0.26))
     assert row(variant="v", metric="ce_rel") == pytest.approx(by_hand)

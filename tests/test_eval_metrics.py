@@ -30,7 +30,8 @@ def _random(seed: int, n: int = 3000, k: int = 10, scale: float = 4.0):
 @pytest.mark.parametrize("norm, ours", [("l1", cal.ece), ("max", cal.mce), ("l2", cal.rms_ce)])
 def test_calibration_errors_match_torchmetrics(seed, norm, ours):
     logits, labels = _random(seed)
-    ref = MulticlassCalibrationError(num_classes=10, n_bins=15, norm=norm)(torch.from_numpy(logits), torch.from_numpy(labels))
+    ref = MulticlassCalibrationError(num_classes=10, n_bins=15, norm=norm)(
+        torch.from_numpy(logits), torch.from_numpy(labels))
     conf, hit = confidences(logits), correctness(logits, labels)
     assert ours(conf, hit) == pytest.approx(float(ref), abs=1e-6)
 
@@ -58,7 +59,8 @@ def test_confidence_exactly_one_goes_to_last_bin_not_torchmetrics_extra_bin():
     moved = probs.astype(np.float32)
     moved[:120] *= np.float32(1 - 2 ** -24)  # the same confidences nudged just below 1.0 land in torchmetrics' bin 14
     assert cal.ece(conf, hit) == pytest.approx(float(tm(torch.from_numpy(moved), torch.from_numpy(labels))), abs=1e-6)
-    raw = float(MulticlassCalibrationError(num_classes=k, n_bins=15, norm="l1")(torch.from_numpy(probs.astype(np.float32)), torch.from_numpy(labels)))
+    raw = float(MulticlassCalibrationError(num_classes=k, n_bins=15, norm="l1")(
+        torch.from_numpy(probs.astype(np.float32)), torch.from_numpy(labels)))
     assert abs(raw - cal.ece(conf, hit)) > 1e-3  # torchmetrics' extra 16th bin for exactly 1.0 (documented difference)
 
 
@@ -132,7 +134,8 @@ def test_equal_mass_bins_by_hand():
 def test_classwise_ece_matches_torchmetrics_binary_per_class():
     logits, labels = _random(6, n=1500, k=6)
     p = softmax(logits.astype(np.float64), axis=1)
-    refs = [float(BinaryCalibrationError(n_bins=15, norm="l1")(torch.from_numpy(p[:, c]).float(), torch.from_numpy((labels == c).astype(np.int64))))
+    refs = [float(BinaryCalibrationError(n_bins=15, norm="l1")(
+                torch.from_numpy(p[:, c]).float(), torch.from_numpy((labels == c).astype(np.int64))))
             for c in range(6)]
     assert cal.classwise_ece(logits, labels) == pytest.approx(np.mean(refs), abs=1e-6)
 
@@ -153,7 +156,8 @@ def test_nll_brier_topk_by_formula():
     p = np.exp(lp)
     onehot = np.eye(8)[labels]
     assert brier(logits, labels) == pytest.approx(((p - onehot) ** 2).sum(axis=1).mean(), abs=1e-12)
-    ref5 = float(MulticlassAccuracy(num_classes=8, top_k=5, average="micro")(torch.from_numpy(logits), torch.from_numpy(labels)))
+    ref5 = float(MulticlassAccuracy(num_classes=8, top_k=5, average="micro")(
+        torch.from_numpy(logits), torch.from_numpy(labels)))
     assert top_k_accuracy(logits, labels, 5) == pytest.approx(ref5, abs=1e-6)
     assert top_k_accuracy(logits, labels, 1) == pytest.approx((logits.argmax(1) == labels).mean())
 

@@ -13,7 +13,8 @@ from eval.noise import add_noise, gaussian_noise, noise_seed
 from eval.preprocess import array_source, pil_resize, split_preprocess
 
 
-@pytest.mark.parametrize("size, shape", [(32, (28, 28)), (32, (28, 28, 3)), (32, (40, 52, 3)), (48, (33, 64)), (32, (32, 32, 3))])
+@pytest.mark.parametrize("size, shape", [(32, (28, 28)), (32, (28, 28, 3)), (32, (40, 52, 3)), (48, (33, 64)),
+                                         (32, (32, 32, 3))])
 def test_tensor_path_equals_pil_path_bit_for_bit(size, shape):
     sp = split_preprocess(open_clip.image_transform(size, is_train=False))
     assert sp.tensor_path is not None
@@ -45,7 +46,8 @@ def test_split_then_normalize_equals_full_preprocess(tiny_clip):
 
 def test_array_source_only_for_stock_array_datasets():
     px = np.zeros((5, 8, 8), np.uint8)
-    ds = ArrayImageDataset(name="a", role="id", class_names=("x",), templates=("{}",), labels=np.zeros(5), ids=np.arange(5), pixels=px)
+    ds = ArrayImageDataset(name="a", role="id", class_names=("x",), templates=("{}",), labels=np.zeros(5),
+                           ids=np.arange(5), pixels=px)
     src = array_source(subset(subset(ds, [4, 3, 2]), [2, 0]))
     assert src is not None and src[1].tolist() == [2, 4]
 
@@ -53,7 +55,8 @@ def test_array_source_only_for_stock_array_datasets():
         def image(self, i):
             return super().image(i).point(lambda v: 255 - v)
 
-    tinted = Tinted(name="t", role="id", class_names=("x",), templates=("{}",), labels=np.zeros(5), ids=np.arange(5), pixels=px)
+    tinted = Tinted(name="t", role="id", class_names=("x",), templates=("{}",), labels=np.zeros(5), ids=np.arange(5),
+                    pixels=px)
     assert array_source(tinted) is None  # overridden image(): must go through PIL
 
 

@@ -37,7 +37,7 @@ def test_cli_writes_pdf_and_png_and_is_identical_across_processes(synth, tmp_pat
                      hashseed=seed)
         assert p.returncode == 0, p.stderr
         outs.append(out)
-    files = sorted(f.name for f in outs[0].iterdir())
+    files = sorted(f.name for f in outs[0].iterdir() if f.name != "manifest.json")  # the figures only
     assert "reliability_fmnist_int4.png" in files and "reliability_fmnist_int4.pdf" in files
     assert "reliability_fmnist_noise-c1.png" not in files  # filtered out by --variants
     assert {"forest_int4_fmnist.pdf", "forest_int4_mnist.png"} <= set(files)

@@ -29,7 +29,8 @@ def test_every_family_has_its_own_colour_and_marker():
 
 @pytest.mark.parametrize("alias,family", [
     ("topdamp", "top-damping"), ("randproj", "random-projection"), ("rotquant", "rotation"), ("clip", "clipping"),
-    ("round", "clipping"), ("deadzone", "clipping"), ("QUANT", "quant"), ("lowrank", "lowrank"), ("temp", "temperature"),
+    ("round", "clipping"), ("deadzone", "clipping"), ("QUANT", "quant"), ("lowrank", "lowrank"),
+    ("temp", "temperature"),
 ])
 def test_family_aliases_get_the_canonical_colour(alias, family):
     assert canonical_family(alias) == family

@@ -163,7 +163,7 @@ def test_identical_inputs_give_identical_bytes(tmp_path_factory):
 
 def test_double_column_figures_are_wide_and_readable(tmp_path_factory):
     results = Results([cached_results(tmp_path_factory)])
-    for name, planner in FIGURES.items():
+    for _name, planner in FIGURES.items():
         job = planner(results, Options(size="double"))[0]
         fig = job.build()
         assert fig.get_size_inches()[0] == WIDTHS_IN["double"]

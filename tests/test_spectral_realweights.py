@@ -67,8 +67,10 @@ def test_trained_weights_are_heavy_tailed(minilm):
 
 
 def test_fine_rounding_of_trained_weights_does_not_damp(minilm):
-    views = {"encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense"}
-    mats = {n: p.detach() for n, p in ((k.removesuffix(".weight"), v) for k, v in minilm.named_parameters()) if n in views}
+    views = {"encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense",
+             "encoder.layer.0.output.dense"}
+    mats = {n: p.detach() for n, p in ((k.removesuffix(".weight"), v) for k, v in minilm.named_parameters())
+            if n in views}
     rep = analyse_matrices(mats, {"rtn8": {n: _rtn8_per_row(w) for n, w in mats.items()}}, cache=SVDCache(), n_null=2)
     ed = rep.frame[rep.frame.variant == "rtn8"]
     gains = ed[[f"gain_d{j}" for j in range(1, 11)]].to_numpy()

@@ -42,7 +42,8 @@ class _Scale(Edit):
 
 
 try:
-    register_edit("spectest-scale:", ["spectest-scale:0.9"], "test-only scaling")(lambda s: _Scale(float(s.split(":", 1)[1])))
+    register_edit("spectest-scale:", ["spectest-scale:0.9"], "test-only scaling")(
+        lambda s: _Scale(float(s.split(":", 1)[1])))
 except ValueError:  # already registered (module imported twice)
     pass
 
@@ -156,11 +157,13 @@ def test_api_on_an_arbitrary_module_with_a_partial_edit(tmp_path):
 
 def test_analyse_matrices_on_bare_tensors():
     g = torch.Generator().manual_seed(0)
-    mats = {"a": torch.randn(20, 30, generator=g), "b": torch.randn(30, 20, generator=g), "c": torch.randn(20, 30, generator=g)}
+    mats = {"a": torch.randn(20, 30, generator=g), "b": torch.randn(30, 20, generator=g),
+            "c": torch.randn(20, 30, generator=g)}
     rep = analyse_matrices(mats, {"noisy": {"a": mats["a"] + 0.01 * torch.randn(20, 30, generator=g)}})
     assert list(rep.frame["matrix"]) == ["a", "b", "c", "a", "b", "c"]
     for name, w in mats.items():
-        np.testing.assert_allclose(rep.arrays[FP][f"sigma:{name}"], torch.linalg.svdvals(w.double()).numpy(), atol=1e-10)
+        np.testing.assert_allclose(rep.arrays[FP][f"sigma:{name}"], torch.linalg.svdvals(w.double()).numpy(),
+                                   atol=1e-10)
     with pytest.raises(ValueError, match="reserved"):
         analyse_matrices(mats, {FP: {}})
 
@@ -175,7 +178,8 @@ def test_cli_with_a_registered_quantizer(tiny_config_path, tmp_path, capsys):
     except UserError:
         pytest.skip("quantizer spec int8-ch is not registered yet")
     out = tmp_path / "q"
-    assert main(["--model", tiny_config_path, "--compare", "int8-ch", "--layers", "vision-only", "--out", str(out)]) == 0
+    assert main(["--model", tiny_config_path, "--compare", "int8-ch", "--layers", "vision-only",
+                 "--out", str(out)]) == 0
     df = pd.read_parquet(out / "spectra.parquet")
     ed = df[df.variant != FP]
     assert len(ed) == 12 and (ed["delta"] > 0).all() and (ed["delta"] < 0.02).all()

@@ -18,13 +18,15 @@ from interventions.referee import verdict as V
 # ------------------------------------------------------------------------------------------- verdict logic
 def _row(control: str, diff: float, lo: float, hi: float, ratio=np.nan, rlo=np.nan, rhi=np.nan, metric="ece") -> dict:
     return {"dataset": "id", "metric": metric, "score": "", "severity": np.nan, "control": control, "variant": control,
-            "diff": diff, "ci_lo": lo, "ci_hi": hi, "p_adj": 0.001, "repro_ratio": ratio, "repro_lo": rlo, "repro_hi": rhi}
+            "diff": diff, "ci_lo": lo, "ci_hi": hi, "p_adj": 0.001, "repro_ratio": ratio, "repro_lo": rlo,
+            "repro_hi": rhi}
 
 
 def _gains(q_tail: float, null_tail: float) -> pd.DataFrame:
     rows = []
     for v, tail in (("int4", q_tail), ("noise:c1,q=int4#s0", null_tail), ("noise:c1,q=int4#s1", null_tail + 0.01)):
-        rows += [{"variant": v, "matrix": "m", "decile": 0, "gain": 1.0}, {"variant": v, "matrix": "m", "decile": 9, "gain": tail}]
+        rows += [{"variant": v, "matrix": "m", "decile": 0, "gain": 1.0},
+                 {"variant": v, "matrix": "m", "decile": 9, "gain": tail}]
     return pd.DataFrame(rows)
 
 
@@ -38,8 +40,10 @@ def _verdict(rows: list[dict], gains: pd.DataFrame | None = None) -> str:
 
 def test_verdict_branches():
     q = _row("quant", -0.02, -0.03, -0.01)  # ECE improved, CI excludes 0
-    spectral = [_row("lowrank", -0.018, -0.03, -0.008, 0.9, 0.7, 1.1), _row("damping:gains", -0.01, -0.02, 0.0, 0.5, 0.2, 0.8)]
-    negatives = [_row("randproj", 0.0, -0.01, 0.01, 0.0, -0.2, 0.2), _row("topdamp", 0.001, -0.01, 0.01, -0.05, -0.3, 0.1)]
+    spectral = [_row("lowrank", -0.018, -0.03, -0.008, 0.9, 0.7, 1.1),
+                _row("damping:gains", -0.01, -0.02, 0.0, 0.5, 0.2, 0.8)]
+    negatives = [_row("randproj", 0.0, -0.01, 0.01, 0.0, -0.2, 0.2),
+                 _row("topdamp", 0.001, -0.01, 0.01, -0.05, -0.3, 0.1)]
     noise_fail = [_row("noise:c1", 0.0, -0.01, 0.01, 0.05, -0.2, 0.3)]
     temp_fail = [_row("temperature", 0.0, -0.01, 0.01, 0.1, -0.1, 0.3)]
 
@@ -137,11 +141,15 @@ def test_ablation_end_to_end(tmp_path, tiny_config_path, image_suite, pinned, ca
         got = comp[(comp["dataset"] == "id") & (comp["metric"] == metric)]["value_fp"].unique()
         assert len(got) == 1 and got[0] == pytest.approx(want, abs=1e-9), metric
     for metric in ("auroc", "fpr95"):
-        want = fp_rows[(fp_rows["dataset"] == "rand") & (fp_rows["metric"] == metric) & (fp_rows["score"] == "mcm")]["value"].item()
-        got = comp[(comp["dataset"] == "rand") & (comp["metric"] == metric) & (comp["score"] == "mcm")]["value_fp"].unique()
+        want = fp_rows[(fp_rows["dataset"] == "rand") & (fp_rows["metric"] == metric)
+                       & (fp_rows["score"] == "mcm")]["value"].item()
+        got = comp[(comp["dataset"] == "rand") & (comp["metric"] == metric)
+                   & (comp["score"] == "mcm")]["value_fp"].unique()
         assert got[0] == pytest.approx(want, abs=1e-9), metric
-    qv = metrics[(metrics["variant"] == "int4-ch") & (metrics["dataset"] == "id") & (metrics["metric"] == "nll")]["value"].item()
-    assert comp[(comp["control"] == "quant") & (comp["dataset"] == "id") & (comp["metric"] == "nll")]["value_v"].item() == pytest.approx(qv)
+    qv = metrics[(metrics["variant"] == "int4-ch") & (metrics["dataset"] == "id")
+                 & (metrics["metric"] == "nll")]["value"].item()
+    assert comp[(comp["control"] == "quant") & (comp["dataset"] == "id")
+                & (comp["metric"] == "nll")]["value_v"].item() == pytest.approx(qv)
 
     # the tests recomputed from samples/ (METHODS §8: every number is recomputable from the per-sample files)
     samples = load_samples(out)
@@ -150,24 +158,28 @@ def test_ablation_end_to_end(tmp_path, tiny_config_path, image_suite, pinned, ca
     mc = S.mcnemar_test(zf.argmax(1) == y, zq.argmax(1) == y)
     row = comp[(comp["control"] == "quant") & (comp["dataset"] == "id") & (comp["metric"] == "top1")].iloc[0]
     assert (row["b"], row["c"]) == (mc.b, mc.c) and row["p"] == pytest.approx(mc.p)
-    s_fp = np.r_[ood_scores(zf, fp["id"].logit_scale, fp["id"].mcm_logits)["msp"], ood_scores(fp["rand"].logits, fp["rand"].logit_scale, fp["rand"].mcm_logits)["msp"]]
-    s_q = np.r_[ood_scores(zq, q["id"].logit_scale, q["id"].mcm_logits)["msp"], ood_scores(q["rand"].logits, q["rand"].logit_scale, q["rand"].mcm_logits)["msp"]]
+    s_fp = np.r_[ood_scores(zf, fp["id"].logit_scale, fp["id"].mcm_logits)["msp"],
+                 ood_scores(fp["rand"].logits, fp["rand"].logit_scale, fp["rand"].mcm_logits)["msp"]]
+    s_q = np.r_[ood_scores(zq, q["id"].logit_scale, q["id"].mcm_logits)["msp"],
+                ood_scores(q["rand"].logits, q["rand"].logit_scale, q["rand"].mcm_logits)["msp"]]
     is_id = np.r_[np.ones(len(zf), bool), np.zeros(len(fp["rand"].logits), bool)]
     dl = S.delong_test(s_fp, s_q, is_id)
-    row = comp[(comp["control"] == "quant") & (comp["dataset"] == "rand") & (comp["metric"] == "auroc") & (comp["score"] == "msp")].iloc[0]
+    row = comp[(comp["control"] == "quant") & (comp["dataset"] == "rand") & (comp["metric"] == "auroc")
+               & (comp["score"] == "msp")].iloc[0]
     assert row["test"] == "delong" and row["p"] == pytest.approx(dl.p) and row["diff"] == pytest.approx(dl.diff)
 
     # multiplicity within each family of hypotheses
     primary = comp[comp["family_id"] == "primary"]
     assert set(primary["control"]) == {"quant"}  # the quantizer on ID ece/nll/top1 and AUROC(mcm) per OOD set
-    assert sorted(zip(primary["dataset"], primary["metric"])) == [("id", "ece"), ("id", "nll"), ("id", "top1"), ("rand", "auroc")]
+    assert sorted(zip(primary["dataset"], primary["metric"])) == [("id", "ece"), ("id", "nll"), ("id", "top1"),
+                                                                  ("rand", "auroc")]
     for fid, sub in comp.groupby("family_id"):
         method = "holm" if fid == "primary" else "fdr_bh"
         ok = sub["p"].notna()
         np.testing.assert_allclose(sub.loc[ok, "p_adj"], multipletests(sub.loc[ok, "p"], method=method)[1])
     # reproduction ratio only where the quantizer's CI excludes 0
     n_with_ratio = 0
-    for fid, sub in comp.groupby(["dataset", "metric", "score", comp["severity"].fillna(-1)]):
+    for _fid, sub in comp.groupby(["dataset", "metric", "score", comp["severity"].fillna(-1)]):
         qrow = sub[sub["control"] == "quant"].iloc[0]
         excl = qrow["ci_lo"] > 0 or qrow["ci_hi"] < 0
         assert np.isnan(qrow["repro_ratio"])
@@ -184,7 +196,9 @@ def test_ablation_end_to_end(tmp_path, tiny_config_path, image_suite, pinned, ca
     cl = samples["lowrank:q=int4-ch,match=fro"]["id"]
     zc = cl.logits.astype(np.float64)
     per_sample = {"top1": lambda z: (z.argmax(1) == y).astype(float),
-                  "nll": lambda z: -(z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)))[np.arange(len(y)), y]}
+                  "nll": lambda z: -(z - z.max(1, keepdims=True)
+                                     - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+                                     )[np.arange(len(y)), y]}
     for metric, f in per_sample.items():
         row = comp[(comp["control"] == "lowrank") & (comp["dataset"] == "id") & (comp["metric"] == metric)].iloc[0]
         if not np.isfinite(row["repro_ratio"]):
@@ -200,7 +214,8 @@ def test_ablation_end_to_end(tmp_path, tiny_config_path, image_suite, pinned, ca
     # not significant after Holm
     verdict = (out / "verdict.txt").read_text()
     for _, q in primary.iterrows():
-        label = f"{q['dataset']} {q['metric']}{'(' + q['score'] + ')' if isinstance(q['score'], str) and q['score'] else ''}:"
+        label = (f"{q['dataset']} {q['metric']}"
+                 f"{'(' + q['score'] + ')' if isinstance(q['score'], str) and q['score'] else ''}:")
         line = [ln for ln in verdict.splitlines() if ln.startswith(label)]
         assert len(line) == 1, label
         significant = (q["ci_lo"] > 0 or q["ci_hi"] < 0) and q["p_adj"] < 0.05
@@ -220,7 +235,8 @@ def test_ablation_end_to_end(tmp_path, tiny_config_path, image_suite, pinned, ca
 def test_ablation_bad_input_writes_nothing(tmp_path, tiny_config_path, capsys):
     out = tmp_path / "o"
     for args, needle in [(["--quant", "lowrank"], "not a quantizer"), (["--B", "5"], "--B"), (["--match", "l2"], "l2"),
-                         (["--controls", "noise:c9"], "c9"), (["--scores", "mcm,foo"], "foo"), (["--shard", "0/2"], "shard")]:
+                         (["--controls", "noise:c9"], "c9"), (["--scores", "mcm,foo"], "foo"),
+                         (["--shard", "0/2"], "shard")]:
         assert A.main(["--model", tiny_config_path, "--out", str(out), *args]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], (args, err)

@@ -44,7 +44,8 @@ def grid_file(tmp_path, tiny_config_path) -> Path:
 
 
 def _sweep_cmd(grid: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "interventions.sweep", str(grid), "--out", str(out), "--code-version", VERSION, *extra]
+    return [sys.executable, "-m", "interventions.sweep", str(grid), "--out", str(out), "--code-version", VERSION,
+            *extra]
 
 
 def _env() -> dict[str, str]:

@@ -26,7 +26,8 @@ def test_run_key_is_canonical_and_sensitive():
     a = _config()
     b = dict(reversed(list(a.items())))
     assert run_key(a) == run_key(b) and len(run_key(a)) == 16
-    for field, value in [("seed", 1), ("edit", "int8-ch"), ("match", "output"), ("dataset", "e"), ("code_version", "v2"),
+    for field, value in [("seed", 1), ("edit", "int8-ch"), ("match", "output"), ("dataset", "e"),
+                         ("code_version", "v2"),
                          ("model", {"name": "m", "checkpoint_hash": "abd"}), ("layers", "vision-only")]:
         assert run_key(_config(**{field: value})) != run_key(a), field
     assert canonical_json({"b": 1, "a": [1, 2]}) == '{"a":[1,2],"b":1}'
@@ -36,9 +37,11 @@ def test_run_key_is_canonical_and_sensitive():
 
 def _result(seed: int) -> RunResult:
     rng = np.random.default_rng(seed)
-    metrics = pd.DataFrame({"variant": ["v", "v"], "dataset": ["d", "d"], "metric": ["top1", "ece"], "value": rng.random(2)})
+    metrics = pd.DataFrame({"variant": ["v", "v"], "dataset": ["d", "d"], "metric": ["top1", "ece"],
+                            "value": rng.random(2)})
     return RunResult(tables={"metrics": metrics},
-                     arrays={"samples/v/d": {"logits": rng.standard_normal((5, 3)).astype(np.float32), "labels": np.arange(5)}})
+                     arrays={"samples/v/d": {"logits": rng.standard_normal((5, 3)).astype(np.float32),
+                                             "labels": np.arange(5)}})
 
 
 def test_publish_roundtrip_and_skip(tmp_path):
@@ -86,7 +89,8 @@ def test_merged_tables_sorted_by_key_independent_of_order(tmp_path):
         pd.testing.assert_frame_equal(ta[name], tb[name])
         assert (tmp_path / "a" / f"{name}.csv").read_bytes() == (tmp_path / "b" / f"{name}.csv").read_bytes()
     assert list(ta["metrics"]["run"]) == sorted(ta["metrics"]["run"])
-    assert ta["runs"]["seed"].tolist() == [json.loads((a.path(k) / "config.json").read_text())["seed"] for k in a.keys()]
+    assert ta["runs"]["seed"].tolist() == [json.loads((a.path(k) / "config.json").read_text())["seed"]
+                                           for k in a.keys()]
 
 
 def test_shard_partition_and_parse():

@@ -12,7 +12,8 @@ from jaxtyping import Bool, Float
 from scipy.special import xlogy
 
 
-def expected_cumulative_errors(conf: Float[np.ndarray, " n"], correct: Bool[np.ndarray, " n"]) -> Float[np.ndarray, " n"]:
+def expected_cumulative_errors(conf: Float[np.ndarray, " n"],
+                               correct: Bool[np.ndarray, " n"]) -> Float[np.ndarray, " n"]:
     """E[#errors among the i most confident samples], i = 1..N, averaging over orders of tied confidences."""
     order = np.argsort(-np.asarray(conf, dtype=np.float64), kind="stable")
     c = np.asarray(conf, dtype=np.float64)[order]
@@ -29,7 +30,8 @@ def expected_cumulative_errors(conf: Float[np.ndarray, " n"], correct: Bool[np.n
     return before[gid] + pos * gerr[gid] / sizes[gid]
 
 
-def risk_coverage(conf: Float[np.ndarray, " n"], correct: Bool[np.ndarray, " n"]) -> tuple[Float[np.ndarray, " n"], Float[np.ndarray, " n"]]:
+def risk_coverage(conf: Float[np.ndarray, " n"],
+                  correct: Bool[np.ndarray, " n"]) -> tuple[Float[np.ndarray, " n"], Float[np.ndarray, " n"]]:
     """(coverage i/N, selective risk errors_i / i) for i = 1..N."""
     n = len(conf)
     i = np.arange(1, n + 1, dtype=np.float64)

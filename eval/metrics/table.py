@@ -114,7 +114,8 @@ def variant_metrics(variant: str, outputs: Mapping[str, SampleOutputs], n_bins: 
                 _row(rows, variant, name, "ood", metric, v, score=s)
         for s in SCORES:
             for metric in DETECTION_METRICS:
-                _row(rows, variant, OOD_MACRO, "ood", metric, np.mean([d[(s, metric)] for d in per_set.values()]), score=s)
+                _row(rows, variant, OOD_MACRO, "ood", metric, np.mean([d[(s, metric)] for d in per_set.values()]),
+                     score=s)
     noisy = [o for o in outs if o.severity is not None]
     errors: dict[str, list[float]] = {}
     for o in noisy:
@@ -159,7 +160,8 @@ def relative_ce(variant_errs: Mapping[float, float], fp_errs: Mapping[float, flo
     return float(sum(variant_errs[c] for c in common) / den) if common and den > 0 else float("nan")
 
 
-def ce_rel_rows(noise_errs: Mapping[str, Mapping[str, Mapping[float, float]]], fp_variant: str = FP_VARIANT) -> pd.DataFrame:
+def ce_rel_rows(noise_errs: Mapping[str, Mapping[str, Mapping[float, float]]],
+                fp_variant: str = FP_VARIANT) -> pd.DataFrame:
     """`ce_rel` rows for every variant with noise outputs, relative to `fp_variant` (none without it)."""
     rows: list[dict] = []
     fp_errs = noise_errs.get(fp_variant)

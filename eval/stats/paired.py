@@ -152,7 +152,8 @@ class McNemarResult:
     exact: bool
 
 
-def mcnemar_test(correct_fp: Shaped[np.ndarray, " n"], correct_v: Shaped[np.ndarray, " n"], *, exact_below: int = 25) -> McNemarResult:
+def mcnemar_test(correct_fp: Shaped[np.ndarray, " n"], correct_v: Shaped[np.ndarray, " n"], *,
+                 exact_below: int = 25) -> McNemarResult:
     """McNemar's test on paired correctness via statsmodels (continuity-corrected χ² when b + c ≥ 25)."""
     from statsmodels.stats.contingency_tables import mcnemar
 
@@ -181,7 +182,8 @@ class DeLongResult:
     ci_hi: float
 
 
-def _midrank_components(scores: Float[np.ndarray, "k n"], pos: Bool[np.ndarray, " n"]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _midrank_components(scores: Float[np.ndarray, "k n"],
+                        pos: Bool[np.ndarray, " n"]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fast DeLong structural components (Sun & Xu 2014) from mid-ranks: AUCs, V10 (k×m) and V01 (k×n)."""
     x, y = scores[:, pos], scores[:, ~pos]
     m, n = x.shape[1], y.shape[1]
@@ -194,7 +196,8 @@ def _midrank_components(scores: Float[np.ndarray, "k n"], pos: Bool[np.ndarray, 
     return aucs, v10, v01
 
 
-def delong_covariance(scores: Float[np.ndarray, "k n"], is_pos: Shaped[np.ndarray, " n"]) -> tuple[np.ndarray, np.ndarray]:
+def delong_covariance(scores: Float[np.ndarray, "k n"],
+                      is_pos: Shaped[np.ndarray, " n"]) -> tuple[np.ndarray, np.ndarray]:
     """AUCs of k paired score vectors and their k×k DeLong covariance (positives = ID)."""
     pos = np.asarray(is_pos).astype(bool)
     m, n = int(pos.sum()), int((~pos).sum())
@@ -205,7 +208,8 @@ def delong_covariance(scores: Float[np.ndarray, "k n"], is_pos: Shaped[np.ndarra
     return aucs, cov
 
 
-def delong_test(score_fp: Float[np.ndarray, " n"], score_v: Float[np.ndarray, " n"], is_pos: Shaped[np.ndarray, " n"], *, alpha: float = ALPHA) -> DeLongResult:
+def delong_test(score_fp: Float[np.ndarray, " n"], score_v: Float[np.ndarray, " n"], is_pos: Shaped[np.ndarray, " n"],
+                *, alpha: float = ALPHA) -> DeLongResult:
     """Paired DeLong test of AUROC(v) − AUROC(FP) on the same samples; normal CI and two-sided p."""
     aucs, cov = delong_covariance(np.stack([np.asarray(score_fp), np.asarray(score_v)]).astype(np.float64), is_pos)
     diff = float(aucs[1] - aucs[0])
@@ -217,4 +221,5 @@ def delong_test(score_fp: Float[np.ndarray, " n"], score_v: Float[np.ndarray, " 
         z = diff / se
         p = float(2 * sps.norm.sf(abs(z)))
     q = sps.norm.ppf(1 - alpha / 2)
-    return DeLongResult(float(aucs[0]), float(aucs[1]), diff, se, float(z), p, float(diff - q * se), float(diff + q * se))
+    return DeLongResult(float(aucs[0]), float(aucs[1]), diff, se, float(z), p,
+                        float(diff - q * se), float(diff + q * se))

@@ -44,7 +44,8 @@ def set_logit_scale(model: nn.Module, s: float) -> None:
 
 
 @torch.no_grad()
-def cosines(model: nn.Module, images: Float[Tensor, "n c h w"], classifier: Float[Tensor, "d k"], batch_size: int = 256) -> Float[Tensor, "n k"]:
+def cosines(model: nn.Module, images: Float[Tensor, "n c h w"], classifier: Float[Tensor, "d k"],
+            batch_size: int = 256) -> Float[Tensor, "n k"]:
     """Raw cosine similarities normalise(f(x))ᵀ w_c (METHODS §7 without the scale)."""
     out = []
     for i in range(0, images.shape[0], batch_size):
@@ -99,14 +100,16 @@ class TemperatureMatch(ModelEdit):
     def summary(self, rows: Sequence[Mapping[str, Any]]) -> str:
         r = rows[0]
         return (f"{r['variant']}: logit scale {r['logit_scale_fp']:.4f} -> {r['logit_scale']:.4f}; calibration mean "
-                f"max-softmax fp {r['conf_fp']:.4f}, {self.q_spec} {r['match_target']:.4f}, matched {r['match_achieved']:.4f}")
+                f"max-softmax fp {r['conf_fp']:.4f}, {self.q_spec} {r['match_target']:.4f}, "
+                f"matched {r['match_achieved']:.4f}")
 
     def fit(self, fp_cos: Float[Tensor, "n k"], variant_logits: Float[Tensor, "n k"], s_fp: float) -> dict[str, float]:
         """s′ for the FP cosines given the variant's calibration logits; the report row for edits.csv."""
         target = mean_max_softmax(variant_logits)
         s_new, achieved = fit_logit_scale(fp_cos, target)
         return {"logit_scale_fp": s_fp, "logit_scale": s_new, "match_target": target, "match_achieved": achieved,
-                "match_rel_err": abs(achieved - target) / max(target, 1e-30), "conf_fp": mean_max_softmax(s_fp * fp_cos)}
+                "match_rel_err": abs(achieved - target) / max(target, 1e-30),
+                "conf_fp": mean_max_softmax(s_fp * fp_cos)}
 
 
 @register_edit("temperature", ("temperature", "temperature:q=nf4"),

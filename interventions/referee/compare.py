@@ -12,9 +12,9 @@ import pandas as pd
 from eval import stats as S
 from interventions.referee.endpoints import METRIC_OBJECTS, Endpoint, endpoint_arrays, temperature_of
 
-COLUMNS = ["model", "dataset", "metric", "score", "severity", "variant", "family", "quant", "match", "seeds", "coverage",
-           "delta_median", "delta_max", "n", "value_fp", "value_v", "diff", "ci_lo", "ci_hi", "test", "statistic", "p",
-           "p_adj", "family_id", "effect_size", "repro_ratio", "repro_lo", "repro_hi", "tost"]
+COLUMNS = ["model", "dataset", "metric", "score", "severity", "variant", "family", "quant", "match", "seeds",
+           "coverage", "delta_median", "delta_max", "n", "value_fp", "value_v", "diff", "ci_lo", "ci_hi", "test",
+           "statistic", "p", "p_adj", "family_id", "effect_size", "repro_ratio", "repro_lo", "repro_hi", "tost"]
 EXTRA_COLUMNS = ["control", "role", "b", "c", "seed_sd", "adj_method", "tost_p", "B"]
 PRIMARY = "primary"
 
@@ -77,7 +77,8 @@ def compare_endpoint(ep: Endpoint, groups: Sequence[Group], *, B: int, seed: int
         rows.append({
             "model": model, "dataset": ep.dataset, "metric": ep.metric, "score": ep.score or "",
             "severity": np.nan if ep.severity is None else ep.severity, "variant": g.spec, "family": g.family,
-            "quant": groups[qi].spec, "match": g.match or "", "seeds": len(g.seeds), "coverage": es.get("coverage", np.nan),
+            "quant": groups[qi].spec, "match": g.match or "", "seeds": len(g.seeds),
+            "coverage": es.get("coverage", np.nan),
             "delta_median": es.get("delta_median", np.nan), "delta_max": es.get("delta_max", np.nan), "n": n,
             "value_fp": fp_val, "value_v": res.value_v, "diff": res.diff, "ci_lo": res.ci_lo, "ci_hi": res.ci_hi,
             "test": test, "statistic": stat, "p": p, "p_adj": np.nan, "family_id": ep.family_id,

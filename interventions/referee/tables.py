@@ -11,7 +11,8 @@ from interventions.referee.verdict import PROPORTIONS, headline_endpoints
 
 
 def compact_table(comp: pd.DataFrame, id_dataset: str | None, ood_sets: Sequence[str], score: str | None) -> str:
-    """Variants × headline endpoints: Δ (pp for proportions; * p_adj < 0.05) and, for controls, the reproduction ratio."""
+    """Variants × headline endpoints: Δ (pp for proportions; * p_adj < 0.05) and, for controls, the reproduction
+    ratio."""
     cols = headline_endpoints(id_dataset, ood_sets, score)
     headers = [f"{m}{'(' + s + ')' if s else ''}@{d}" for d, m, s in cols]
     order = list(dict.fromkeys(comp["control"]))

@@ -60,8 +60,8 @@ def gain_evidence(gains: pd.DataFrame | None, quant_spec: str, c1_specs: Sequenc
     if not null:
         return None, f"gains: tail g = {q_tail:.3f} (head {float(head[quant_spec]):.3f}); no c1 null run to compare"
     ok = q_tail < 1.0 and q_tail < min(null) and q_tail < float(head[quant_spec])  # damped, beyond the null, tail-heavy
-    return ok, (f"gains: quantizer tail-decile g = {q_tail:.3f} (head {float(head[quant_spec]):.3f}; medians over matrices) vs c1 null "
-                f"{min(null):.3f}–{max(null):.3f} over {len(null)} seed(s)")
+    return ok, (f"gains: quantizer tail-decile g = {q_tail:.3f} (head {float(head[quant_spec]):.3f}; "
+                f"medians over matrices) vs c1 null {min(null):.3f}–{max(null):.3f} over {len(null)} seed(s)")
 
 
 def verdicts(comp: pd.DataFrame, id_dataset: str | None, gains: pd.DataFrame | None, quant_spec: str,
@@ -75,20 +75,27 @@ def verdicts(comp: pd.DataFrame, id_dataset: str | None, gains: pd.DataFrame | N
     c1 = [v for v in comp["variant"].unique() if v.startswith("noise:c1")]
     gain_ok, gain_text = gain_evidence(gains, quant_spec, c1)
     for dataset, metric, sc in headline_endpoints(id_dataset, ood_sets, score):
-        sub = comp[(comp["dataset"] == dataset) & (comp["metric"] == metric) & (comp["score"] == sc) & comp["severity"].isna()]
+        sub = comp[(comp["dataset"] == dataset) & (comp["metric"] == metric) & (comp["score"] == sc)
+                   & comp["severity"].isna()]
         by = {r["control"]: r for _, r in sub.iterrows()}
         q = by.get("quant")
         if q is None:
             continue
         label = f"{dataset} {metric}{'(' + sc + ')' if sc else ''}"
         qtxt = f"quant Δ = {_fmt_ci(metric, q['diff'], q['ci_lo'], q['ci_hi'])}, p_adj = {q['p_adj']:.3g}"
-        present = lambda names: [by[n] for n in names if n in by]  # noqa: E731
-        detail = lambda rows: ", ".join(f"{r['control']} {_ratio(r)}" for r in rows)  # noqa: E731
+
+        def present(names, by=by):
+            return [by[n] for n in names if n in by]
+
+        def detail(rows):
+            return ", ".join(f"{r['control']} {_ratio(r)}" for r in rows)
+
         if not (q["ci_lo"] > 0 or q["ci_hi"] < 0):
             lines.append(f"{label}: inconclusive — {qtxt}: quantization changed nothing detectable to explain")
             continue
         if not q["p_adj"] < 0.05:
-            lines.append(f"{label}: inconclusive — {qtxt}: the CI excludes 0 but not after Holm over the headline endpoints")
+            lines.append(f"{label}: inconclusive — {qtxt}: "
+                         "the CI excludes 0 but not after Holm over the headline endpoints")
             continue
         if (q["diff"] < 0) != (metric in LOWER_IS_BETTER):
             repro = [r for r in by.values() if r["control"] != "quant" and _reproduces(r)]
@@ -105,7 +112,8 @@ def verdicts(comp: pd.DataFrame, id_dataset: str | None, gains: pd.DataFrame | N
             lines.append(f"{label}: confidence-scale — {qtxt} (gain); e5 temperature-matched FP reproduces it, "
                          f"ratio {_ratio(temp)}")
         elif spec_repro and neg_ok and gain_ok:
-            lines.append(f"{label}: supported (spectral filtering) — {qtxt} (gain); reproduced by {detail(spec_repro)}; "
+            lines.append(f"{label}: supported (spectral filtering) — {qtxt} (gain); "
+                         f"reproduced by {detail(spec_repro)}; "
                          f"not by the negatives {detail(neg_rows)}; {gain_text}")
         elif noise_repro and not damp_repro:
             lines.append(f"{label}: noise — {qtxt} (gain); reproduced by {detail(noise_repro)}, "
@@ -116,13 +124,15 @@ def verdicts(comp: pd.DataFrame, id_dataset: str | None, gains: pd.DataFrame | N
                 if not neg_rows:
                     why.append("negative controls e2/e3 not run")
                 elif any(_reproduces(r) for r in neg_rows):
-                    why.append(f"negative controls reproduce it too ({detail([r for r in neg_rows if _reproduces(r)])})")
+                    why.append("negative controls reproduce it too "
+                               f"({detail([r for r in neg_rows if _reproduces(r)])})")
                 elif not neg_ok:
                     why.append(f"negative controls not excluded ({detail([r for r in neg_rows if not _fails(r)])})")
                 if gain_ok is not True:
                     why.append(gain_text)
             if not spec_repro and not noise_repro:
-                why.append(f"no family reproduces ≥ {REPRO:.0%} with confidence (spectral {detail(spectral_rows) or 'not run'}; "
+                why.append(f"no family reproduces ≥ {REPRO:.0%} with confidence "
+                           f"(spectral {detail(spectral_rows) or 'not run'}; "
                            f"noise {detail(present(NOISE)) or 'not run'})")
             if noise_repro and damp_repro:
                 why.append(f"both noise ({detail(noise_repro)}) and (a)/(b) ({detail(damp_repro)}) reproduce")
@@ -132,7 +142,8 @@ def verdicts(comp: pd.DataFrame, id_dataset: str | None, gains: pd.DataFrame | N
     return lines
 
 
-def headline_endpoints(id_dataset: str | None, ood_sets: Sequence[str], score: str | None) -> list[tuple[str, str, str]]:
+def headline_endpoints(id_dataset: str | None, ood_sets: Sequence[str],
+                       score: str | None) -> list[tuple[str, str, str]]:
     """(dataset, metric, score) of the pre-registered endpoints: ID ECE/NLL/top-1 and AUROC on each OOD set."""
     heads = [(id_dataset, m, "") for m in HEADLINE_METRICS] if id_dataset is not None else []
     return heads + [(d, "auroc", score or "") for d in ood_sets]
