@@ -1,7 +1,8 @@
 """Activation fake-quant for W8A8 / W6A8 / W4A8 (METHODS §2): symmetric per-tensor on the inputs of the
 quantized linear maps, ranges from a calibration pass over calibration images (never test images).
 
-Where the input of a selected matrix is intercepted (one *site* per input tensor):
+Where the input of a selected matrix is intercepted (one *site* per input tensor; the patches that no hook can
+do live in `interventions.actsites`):
 - `nn.Linear` / conv modules: a forward pre-hook on the module;
 - `nn.MultiheadAttention`: its forward is replaced (on the instance) by an equivalent one that quantizes the
   in-projection input (site `<module>.in_proj`, shared by the selected q/k/v slices) and the out-projection
@@ -15,20 +16,18 @@ the `with` block) restores the exact original model: same hooks, same forward, s
 from __future__ import annotations
 
 import hashlib
-import math
 import re
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from eval.errors import UserError
+from interventions.actsites import patch_mha, swap_parameter
 from spectral.selector import Selector, select
 from spectral.views import WeightView, weight_views
 
@@ -119,137 +118,6 @@ class Site:
     @property
     def step(self) -> float | None:
         return None if self.absmax is None else max(self.absmax / self.config.qmax, STEP_MIN)
-
-
-# ------------------------------------------------------------------------------ bare-parameter interception
-class _QuantOperandParameter(nn.Parameter):
-    """A Parameter sharing the original's storage whose uses `x @ P` and `F.linear(x, P)` quantize x first."""
-
-    _MATMULS = (torch.Tensor.__matmul__, torch.matmul, torch.Tensor.matmul, torch.mm, torch.Tensor.mm)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
-        kwargs = kwargs or {}
-        args = list(args)
-        site = None
-        if func in cls._MATMULS and len(args) == 2 and isinstance(args[1], cls):
-            site = getattr(args[1], "_aq_site", None)
-        elif func is F.linear:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            if isinstance(weight, cls):
-                site = getattr(weight, "_aq_site", None)
-        with torch._C.DisableTorchFunctionSubclass():
-            if site is not None:
-                args[0] = site(args[0])
-            return func(*args, **kwargs)
-
-
-def _swap_parameter(module: nn.Module, name: str, site: Site) -> Callable[[], None]:
-    original = module._parameters[name]
-    replacement = _QuantOperandParameter(original.data, original.requires_grad)
-    replacement._aq_site = site
-    module._parameters[name] = replacement
-
-    def restore() -> None:
-        module._parameters[name] = original
-
-    return restore
-
-
-# --------------------------------------------------------------------------------- multi-head attention
-def _attention_mask(
-    attn_mask: Tensor | None, key_padding_mask: Tensor | None, n: int, heads: int, l_q: int, l_k: int,
-    dtype: torch.dtype,
-) -> Tensor | None:
-    """nn.MultiheadAttention's masks (bool: True = blocked; float: added) as one additive float mask
-    [n, heads, L, S]."""
-    mask = None
-
-    def additive(m: Tensor) -> Tensor:
-        if m.dtype != torch.bool:
-            return m.to(dtype)
-        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
-
-    if attn_mask is not None:
-        m = additive(attn_mask)
-        mask = m.view(1, 1, l_q, l_k) if m.dim() == 2 else m.view(n, heads, l_q, l_k)
-    if key_padding_mask is not None:
-        kp = additive(key_padding_mask).view(n, 1, 1, l_k)
-        mask = kp if mask is None else mask + kp
-    return mask
-
-
-def _mha_forward(
-    self: nn.MultiheadAttention,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    key_padding_mask: Tensor | None = None,
-    need_weights: bool = True,
-    attn_mask: Tensor | None = None,
-    average_attn_weights: bool = True,
-    is_causal: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """nn.MultiheadAttention.forward with the in-/out-projection inputs passed through their sites."""
-    sites: dict[str, Any] = self._aq_sites
-    # which input each projection reads (self-attention: one tensor, observed and quantized once)
-    source = {"q": "q", "k": "q" if key is query else "k",
-              "v": "q" if value is query else ("k" if value is key else "v")}
-    unbatched = query.dim() == 2
-    if unbatched:
-        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
-    if self.batch_first:
-        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    l_q, n, e = query.shape
-    l_k = key.shape[0]
-    h, hd = self.num_heads, e // self.num_heads
-    w, b = self.in_proj_weight, self.in_proj_bias
-    site_in, roles = sites.get("in"), sites.get("roles", ())
-    raw, quantized, inputs = {"q": query, "k": key, "v": value}, {}, []
-    for j, role in enumerate(("q", "k", "v")):
-        x = raw[role]
-        if site_in is not None and role in roles:
-            src = source[role]
-            if src not in quantized:
-                quantized[src] = site_in(raw[src])
-            x = quantized[src]
-        inputs.append(F.linear(x, w[j * e : (j + 1) * e], None if b is None else b[j * e : (j + 1) * e]))
-    q, k, v = (t.reshape(t.shape[0], n * h, hd).transpose(0, 1).reshape(n, h, t.shape[0], hd) for t in inputs)
-    mask = _attention_mask(attn_mask, key_padding_mask, n, h, l_q, l_k, q.dtype)
-    dropout = self.dropout if self.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                         is_causal=is_causal and mask is None)
-    out = out.permute(2, 0, 1, 3).reshape(l_q, n, e)
-    site_out = sites.get("out")
-    out = F.linear(site_out(out) if site_out is not None else out, self.out_proj.weight, self.out_proj.bias)
-    weights = None
-    if need_weights:
-        logits = q @ k.transpose(-2, -1) / math.sqrt(hd)
-        weights = torch.softmax(logits if mask is None else logits + mask, dim=-1)
-        weights = weights.mean(dim=1) if average_attn_weights else weights
-        weights = weights.squeeze(0) if unbatched else weights
-    if self.batch_first:
-        out = out.transpose(0, 1)
-    return (out.squeeze(1) if unbatched else out), weights
-
-
-def _patch_mha(mha: nn.MultiheadAttention, sites: dict[str, Any]) -> Callable[[], None]:
-    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-        raise UserError("activation fake-quant supports nn.MultiheadAttention with packed in_proj_weight, "
-                        "no bias_k/v, no add_zero_attn")
-    had_own = "forward" in mha.__dict__
-    previous = mha.__dict__.get("forward")
-    mha._aq_sites = sites
-    mha.forward = types.MethodType(_mha_forward, mha)
-
-    def restore() -> None:
-        del mha.forward
-        if had_own:
-            mha.forward = previous
-        del mha._aq_sites
-
-    return restore
 
 
 # ------------------------------------------------------------------------------------------------ handle
@@ -406,11 +274,11 @@ def attach_activation_quant(
                 continue
             else:
                 site = Site(pname, "param", names, tower, config)
-                restores.append(_swap_parameter(module, attr, site))
+                restores.append(swap_parameter(module, attr, site))
             sites[site.name] = site
         for entry in mha_sites.values():
             parts = {"in": entry.get("in_"), "roles": entry.get("roles", ()), "out": entry.get("out")}
-            restores.append(_patch_mha(entry["module"], parts))
+            restores.append(patch_mha(entry["module"], parts))
     except Exception:
         for restore in reversed(restores):
             restore()

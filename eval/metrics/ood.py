@@ -52,6 +52,13 @@ def ood_scores(logits: Float[np.ndarray, "n k"], logit_scale: float,
     }
 
 
+def _split(score: Shaped[np.ndarray, " n"],
+           is_pos: Shaped[np.ndarray, " n"]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores in float64 and the positions of the positives (ID) and negatives (OOD)."""
+    pos = np.asarray(is_pos).astype(bool)
+    return np.asarray(score, dtype=np.float64), np.flatnonzero(pos), np.flatnonzero(~pos)
+
+
 class AUROCState(NamedTuple):
     """Per-run precomputation for `auroc_counts`: positives, negatives sorted by score, and per positive the
     number of negatives scored below it (n_lt) and at or below it (n_le)."""
@@ -64,9 +71,7 @@ class AUROCState(NamedTuple):
 
 def auroc_state(score: Shaped[np.ndarray, " n"], is_pos: Shaped[np.ndarray, " n"]) -> AUROCState:
     """Sort once per run (METHODS §5 AUROC, ID = positive); `auroc_counts` then weights samples per resample."""
-    score = np.asarray(score, dtype=np.float64)
-    pos = np.asarray(is_pos).astype(bool)
-    ip, ineg = np.flatnonzero(pos), np.flatnonzero(~pos)
+    score, ip, ineg = _split(score, is_pos)
     ineg = ineg[np.argsort(score[ineg], kind="stable")]
     s_neg = score[ineg]
     return AUROCState(ip, ineg, np.searchsorted(s_neg, score[ip], side="left"),
@@ -131,9 +136,7 @@ class FPR95State(NamedTuple):
 
 def fpr95_state(score: Shaped[np.ndarray, " n"], is_pos: Shaped[np.ndarray, " n"]) -> FPR95State:
     """Sort the ID (positive) scores once per run for `fpr95_counts` (METHODS §5)."""
-    score = np.asarray(score, dtype=np.float64)
-    pos = np.asarray(is_pos).astype(bool)
-    ip, ineg = np.flatnonzero(pos), np.flatnonzero(~pos)
+    score, ip, ineg = _split(score, is_pos)
     ip = ip[np.argsort(score[ip], kind="stable")]
     return FPR95State(ip, score[ip], ineg, score[ineg])
 
