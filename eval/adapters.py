@@ -10,12 +10,13 @@ import csv
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image
 
-from eval.datasets import ArrayImageDataset, ImageDataset
+from eval.datasets import ArrayImageDataset, ImageDataset, open_image
 from eval.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -45,8 +46,7 @@ class FileImageDataset(ImageDataset):
             raise ValueError(f"{self.name}: {len(self.paths)} paths for {len(self.labels)} labels")
 
     def image(self, i: int) -> Image.Image:
-        with Image.open(self.paths[i]) as im:
-            return im.convert("RGB")
+        return open_image(self.paths[i])  # an undecodable file: a one-line BadImageError naming it
 
 
 def _is_image(p: Path) -> bool:
@@ -188,6 +188,27 @@ def cifar(root: Path | str, classes: int = 10, *, split: str = "test", name: str
                              labels=y, ids=np.arange(len(y)), pixels=pixels, meta={"root": str(root), "split": split})
 
 
+WATERBIRDS_CODES = {"split": (0, 1, 2), "y": (0, 1), "place": (0, 1)}
+WATERBIRDS_MEANING = {"split": "0 (train), 1 (val) or 2 (test)", "y": "0 (landbird) or 1 (waterbird)",
+                      "place": "0 (land) or 1 (water)"}
+
+
+def _waterbirds_code(meta: Path, line: int, row: dict[str | None, Any]) -> tuple[int, int, int]:
+    """(split, y, place) of one metadata.csv row, each checked against its allowed codes (one line naming it)."""
+    out = []
+    for col in ("split", "y", "place"):
+        text = (row.get(col) or "").strip()
+        try:
+            v = int(float(text)) if text and float(text).is_integer() else None
+        except ValueError:
+            v = None
+        if v not in WATERBIRDS_CODES[col]:
+            raise UserError(f"{str(meta)!r} line {line}: column {col!r} is {row.get(col)!r}; "
+                            f"allowed: {WATERBIRDS_MEANING[col]}")
+        out.append(v)
+    return out[0], out[1], out[2]
+
+
 def waterbirds(root: Path | str, *, split: str = "test", name: str | None = None, role: str | None = None,
                templates: tuple[str, ...] = ("a photo of a {}.",)) -> FileImageDataset:
     """Waterbirds from ROOT/metadata.csv (img_filename, y, split, place): groups = 2·y + place, in the order
@@ -198,12 +219,17 @@ def waterbirds(root: Path | str, *, split: str = "test", name: str | None = None
         raise UserError(f"Waterbirds folder {str(root)!r} has no metadata.csv")
     if split not in WATERBIRDS_SPLITS:
         raise UserError(f"unknown Waterbirds split {split!r}; allowed: {', '.join(WATERBIRDS_SPLITS)}")
-    with open(meta, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with open(meta, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"could not read {str(meta)!r}: {type(exc).__name__}: {exc}") from None
     need = {"img_filename", "y", "split", "place"}
     if not rows or not need <= set(rows[0]):
         raise UserError(f"{str(meta)!r} must have columns {', '.join(sorted(need))}")
-    rows = [r for r in rows if int(r["split"]) == WATERBIRDS_SPLITS[split]]
+    codes = [_waterbirds_code(meta, n, r) for n, r in enumerate(rows, start=2)]  # line 1 is the header
+    rows = [r for r, (s, _, _) in zip(rows, codes) if s == WATERBIRDS_SPLITS[split]]
+    labels = [(yv, pv) for s, yv, pv in codes if s == WATERBIRDS_SPLITS[split]]
     if not rows:
         raise UserError(f"{str(meta)!r} has no rows for split {split!r}")
     paths = [root / r["img_filename"] for r in rows]
@@ -211,8 +237,8 @@ def waterbirds(root: Path | str, *, split: str = "test", name: str | None = None
     if missing:
         raise UserError(f"Waterbirds image {str(missing[0])!r} listed in metadata.csv is missing "
                         f"({len(missing)} missing)")
-    y = np.array([int(r["y"]) for r in rows], dtype=np.int64)
-    place = np.array([int(r["place"]) for r in rows], dtype=np.int64)
+    y = np.array([yv for yv, _ in labels], dtype=np.int64)
+    place = np.array([pv for _, pv in labels], dtype=np.int64)
     group_names = tuple(f"{c} on {p}" for c in WATERBIRDS_CLASSES for p in WATERBIRDS_PLACES)
     return FileImageDataset(
         name=name or ("waterbirds" if split == "test" else f"waterbirds-{split}"),

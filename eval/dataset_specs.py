@@ -9,6 +9,7 @@ Options: role=<id|ood|shift|spurious|calibration>, split=<name>, limit=<N> (a fi
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from eval import adapters
-from eval.datasets import ROLES, ImageDataset, subset
+from eval.datasets import ROLES, SKIP_FLAG, ImageDataset, drop_undecodable, subset
 from eval.errors import UserError
 
 LIMIT_SEED = 0
@@ -91,13 +92,14 @@ def _embedded(names: list[str] | None) -> list[ImageDataset]:
     return list(embedded_datasets(names))
 
 
-def _limit(ds: ImageDataset, value: str) -> ImageDataset:
+def _limit(ds: ImageDataset, value: str, item: str = "") -> ImageDataset:
     try:
         n = int(value)
     except ValueError:
         n = 0
     if n < 1:
-        raise UserError(f"limit must be a positive integer, got {value!r}")
+        where = f" in {item!r}" if item else ""
+        raise UserError(f"limit must be a positive integer, got {value!r}{where}")
     if n >= len(ds):
         return ds
     return subset(ds, np.sort(np.random.default_rng(LIMIT_SEED).choice(len(ds), size=n, replace=False)))
@@ -123,12 +125,29 @@ def _parse_item(item: str) -> list[ImageDataset]:
                         f"allowed: {', '.join(r for r in ROLES if r != 'noise')}")
     built = DATASET_KINDS[kind].build(Path(path).expanduser(), name or None, opts)
     if "limit" in opts:
-        built = [_limit(d, opts["limit"]) for d in built]
+        built = [_limit(d, opts["limit"], item) for d in built]
     return built
 
 
-def load_datasets(spec: str | None) -> list[ImageDataset]:
-    """Datasets named by a `--datasets` string; None/'' -> the embedded default set. Unknown names -> UserError."""
+def load_datasets(spec: str | None, *, skip_bad_images: bool = False) -> list[ImageDataset]:
+    """Datasets named by a `--datasets` string; None/'' -> the embedded default set. Unknown names -> UserError.
+
+    skip_bad_images: decode every image file once now and leave out those that cannot be decoded (counted in each
+    dataset's `meta['skipped_images']`, reported on stderr); without it an undecodable file is a one-line error
+    naming it when it is read."""
+    out = _load(spec)
+    if skip_bad_images:
+        out = [drop_undecodable(d) for d in out]
+        for d in out:
+            n = d.meta.get("skipped_images", 0)
+            if n:
+                shown = ", ".join(d.meta["skipped_examples"][:3]) + (", ..." if n > 3 else "")
+                print(f"{SKIP_FLAG}: left out {n} undecodable image(s) of {d.name} ({shown}); {len(d)} remain",
+                      file=sys.stderr)
+    return out
+
+
+def _load(spec: str | None) -> list[ImageDataset]:
     if spec is None or not spec.strip():
         return _embedded(None)
     out: list[ImageDataset] = []

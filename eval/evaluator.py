@@ -10,6 +10,8 @@ bound to one dataset list and one preprocessing, so (vision hash, dataset positi
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -35,17 +37,42 @@ from eval.zeroshot import logit_scale_of, resolve_templates, template_strings, t
 NOISE_SUBSET_SEED = 0
 
 
-class _PILBatches(torch.utils.data.Dataset):
-    """Map-style wrapper for DataLoader workers: position -> pre-Normalize tensor."""
+MAX_AUTO_WORKERS = 8
 
-    def __init__(self, ds: ImageDataset, to_unit: Callable[[Any], Tensor]) -> None:
-        self.ds, self.to_unit = ds, to_unit
+
+def auto_workers() -> int:
+    """The default number of DataLoader workers for image files: min(8, CPUs this process may use)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_AUTO_WORKERS, cpus))
+
+
+class _PILBatches(torch.utils.data.Dataset):
+    """Map-style wrapper for DataLoader workers: position -> pre-Normalize tensor in [0, 1], with the noise of
+    `severity` already added (METHODS §5). The noise of an image is drawn from its own (id, severity) seed, so the
+    bytes are those of the in-process path whatever the worker, batch or order."""
+
+    def __init__(self, ds: ImageDataset, to_unit: Callable[[Any], Tensor], severity: float | None = None) -> None:
+        self.ds, self.to_unit, self.severity = ds, to_unit, severity
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> Tensor:
-        return self.to_unit(self.ds.image(int(i)))
+        x = self.to_unit(self.ds.image(int(i)))
+        if self.severity is not None:
+            x = add_noise(x[None], self.ds.ids[int(i):int(i) + 1], self.severity)[0]
+        return x
+
+
+def _check_finite(variant: str, key: str, scale: float, *tensors: Tensor | None) -> None:
+    """Refuse NaN/inf features or class weights (a model loaded with --allow-nonfinite, an edit that overflowed):
+    no metric of METHODS §5 is defined on them, so the run stops with one line instead of a NumPy traceback."""
+    if not math.isfinite(scale) or not all(bool(torch.isfinite(t).all()) for t in tensors if t is not None):
+        raise UserError(f"variant {variant!r} gives non-finite (NaN/inf) features, class weights or logit scale "
+                        f"on {key}; metrics are undefined: check the model's weights or the edit")
 
 
 def noise_indices(n: int, subset: int | None) -> np.ndarray:
@@ -64,7 +91,7 @@ class Evaluator:
                  templates: str = "dataset", mcm_templates: str | None = "single", device: str = "cpu",
                  batch_size: int = 256, out_dir: Path | None = None,
                  noise_severities: Sequence[float] = DEFAULT_SEVERITIES, noise_subset: int | None = 2000,
-                 noise_roles: Sequence[str] = ("id",), num_workers: int = 0, feature_cache_size: int = 2,
+                 noise_roles: Sequence[str] = ("id",), num_workers: int | None = None, feature_cache_size: int = 2,
                  n_bins: int = N_BINS, keep_outputs: bool = True, progress: bool = True) -> None:
         self.datasets = list(datasets)
         if not self.datasets:
@@ -92,7 +119,13 @@ class Evaluator:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.noise_severities = tuple(float(c) for c in noise_severities)
         self.noise_subset = noise_subset
-        self.num_workers = int(num_workers)
+        # None: automatic per dataset (0 for in-memory arrays, `auto_workers()` for image files); pinned host
+        # batches when the model runs on CUDA, so the host-to-device copies are asynchronous
+        self.num_workers = None if num_workers is None else int(num_workers)
+        if self.num_workers is not None and self.num_workers < 0:
+            raise UserError(f"number of workers must be >= 0, got {num_workers}")
+        self.pin_memory = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        self.timings: Counter[str] = Counter()  # seconds: load_wait (blocked on the next batch), encode (whole pass)
         self.feature_cache_size = int(feature_cache_size)
         self.n_bins = int(n_bins)
         self.progress = progress
@@ -158,7 +191,8 @@ class Evaluator:
             self._classifiers.move_to_end(key)
             return hit
         fns = [(lambda c, t=t: t.format(c)) for t in templates]
-        w = zero_shot_weights(model, self._counting_tokenizer, names, fns, device=self.device).cpu()
+        w = zero_shot_weights(model, self._counting_tokenizer, names, fns, device=self.device,
+                              progress=self.progress).cpu()
         self.stats["text_encodes"] += 1
         self._classifiers[key] = w
         while len(self._classifiers) > 8 * max(1, len(self.datasets)):
@@ -179,47 +213,85 @@ class Evaluator:
         return store
 
     # ---------- image side ----------
-    def _unit_batches(self, i: int, positions: np.ndarray) -> Iterator[tuple[np.ndarray, Tensor]]:
-        """(positions, pre-Normalize [B, 3, H, W] in [0, 1]) batches, streamed."""
+    def workers_for(self, i: int) -> int:
+        """DataLoader workers for dataset i: 0 for in-memory uint8 arrays (always decoded vectorised in this process,
+        faster than any worker), else the given number, by default `auto_workers()` = min(8, CPUs)."""
+        if self._arrays[i] is not None:
+            return 0
+        return auto_workers() if self.num_workers is None else self.num_workers
+
+    def _unit_batches(self, i: int, positions: np.ndarray,
+                      severity: float | None = None) -> Iterator[tuple[np.ndarray, Tensor]]:
+        """(positions, pre-Normalize [B, 3, H, W] in [0, 1], noisy at `severity` if given) batches, streamed.
+
+        In-memory arrays go through the vectorised tensor path in this process; image files are decoded by
+        DataLoader workers (`workers_for`), which also add the noise. Batches are pinned when the model is on CUDA.
+        """
         ds, src = self.datasets[i], self._arrays[i]
         chunks = [positions[s:s + self.batch_size] for s in range(0, len(positions), self.batch_size)]
+        workers = self.workers_for(i)
+
+        def finish(pos: np.ndarray, x: Tensor) -> Tensor:
+            if severity is not None:
+                x = add_noise(x, ds.ids[pos], severity)
+            return x.pin_memory() if self.pin_memory else x
+
         if src is not None:
             pixels, index = src
             for pos in chunks:
                 rows = pos if index is None else index[pos]
-                yield pos, self.split.tensor_path(pixels[rows])
-        elif self.num_workers > 0:
-            loader = torch.utils.data.DataLoader(_PILBatches(ds, self.split.to_unit),
+                yield pos, finish(pos, self.split.tensor_path(pixels[rows]))
+        elif workers > 0:
+            loader = torch.utils.data.DataLoader(_PILBatches(ds, self.split.to_unit, severity),
                                                  batch_sampler=[c.tolist() for c in chunks],
-                                                 num_workers=self.num_workers)
+                                                 num_workers=workers, pin_memory=self.pin_memory)
             yield from zip(chunks, loader)
         else:
             for pos in chunks:
-                yield pos, self.split.pil_batch([ds.image(int(p)) for p in pos])
+                yield pos, finish(pos, self.split.pil_batch([ds.image(int(p)) for p in pos]))
 
     @torch.inference_mode()
     def _encode(self, model: nn.Module, i: int, severity: float | None, positions: np.ndarray,
                 bar: tqdm) -> Float[Tensor, "n dim"]:
-        ds = self.datasets[i]
+        """Unit-norm image features [n, d] of one (dataset, severity) job, float32 on the host.
+
+        Features are gathered on the model's device and copied to the host once per job, so the forward passes are
+        not serialised by a copy per batch; `timings` records the time blocked waiting for batches (data loading)
+        and the job's wall time. On CUDA the patch-embedding convolution runs in true float32 (cuDNN's TF32 default
+        is switched off for the pass, METHODS §7), as on the CPU.
+        """
         dtype = next((p.dtype for p in model.visual.parameters() if p.is_floating_point()), torch.float32) \
             if hasattr(model, "visual") else torch.float32  # METHODS §7 runs variants in float32; follow the model
         feats: Tensor | None = None
         start = 0
-        for pos, x in self._unit_batches(i, positions):
-            if severity is not None:
-                x = add_noise(x, ds.ids[pos], severity)
-            x = self.split.normalize(x.to(self.device, non_blocking=True))
-            f = model.encode_image(x.to(dtype)).float()
-            f = (f / f.norm(dim=-1, keepdim=True)).cpu()
-            if feats is None:
-                feats = torch.empty((len(positions), f.shape[1]), dtype=torch.float32)
-            feats[start:start + len(pos)] = f
-            start += len(pos)
-            self.stats["image_batches"] += 1
-            self.stats["images_encoded"] += len(pos)
-            bar.update(len(pos))
+        t_job = time.perf_counter()
+        batches = self._unit_batches(i, positions, severity)
+        tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            while True:
+                t0 = time.perf_counter()
+                item = next(batches, None)
+                self.timings["load_wait"] += time.perf_counter() - t0
+                if item is None:
+                    break
+                pos, x = item
+                x = self.split.normalize(x.to(self.device, non_blocking=True))
+                f = model.encode_image(x.to(dtype)).float()
+                f = f / f.norm(dim=-1, keepdim=True)
+                if feats is None:
+                    feats = torch.empty((len(positions), f.shape[1]), dtype=torch.float32, device=f.device)
+                feats[start:start + len(pos)] = f
+                start += len(pos)
+                self.stats["image_batches"] += 1
+                self.stats["images_encoded"] += len(pos)
+                bar.update(len(pos))
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
         assert feats is not None
-        return feats
+        out = feats.cpu()
+        self.timings["encode"] += time.perf_counter() - t_job
+        return out
 
     # ---------- public ----------
     @property
@@ -259,15 +331,20 @@ class Evaluator:
                     store[(i, severity)] = self._encode(model, i, severity, pos, bar)
                 feats = store[(i, severity)]
                 w = self._classifier(model, thash, *self._texts[i])
-                logits = (scale * (feats @ w)).numpy()
-                mcm = None
+                w_mcm = None
                 if self._mcm_texts[i] is not None and self._mcm_texts[i] != self._texts[i]:
-                    mcm = (scale * (feats @ self._classifier(model, thash, *self._mcm_texts[i]))).numpy()
-                out = SampleOutputs(
-                    dataset=ds.name, role="noise" if severity is not None else ds.role, logits=logits,
-                    labels=ds.labels[pos], ids=ds.ids[pos], logit_scale=scale,
+                    w_mcm = self._classifier(model, thash, *self._mcm_texts[i])
+                _check_finite(variant, severity_key(ds.name, severity), scale, feats, w, w_mcm)
+                bias = getattr(model, "logit_bias", None)  # METHODS §5: b = 0 for CLIP, SigLIP's own
+                # METHODS §8: float16 features + class weights (K×d) or logits, whichever file is smaller; the
+                # metrics below are computed from exactly what is stored (features rounded before any logit)
+                out = SampleOutputs.from_features(
+                    features=feats.detach().cpu().numpy(), class_weights=w.detach().cpu().T.numpy(),
+                    mcm_weights=None if w_mcm is None else w_mcm.detach().cpu().T.numpy(), logit_scale=scale,
+                    logit_bias=0.0 if bias is None else float(bias), dataset=ds.name,
+                    role="noise" if severity is not None else ds.role, labels=ds.labels[pos], ids=ds.ids[pos],
                     groups=None if ds.groups is None else ds.groups[pos], severity=severity,
-                    class_subset=ds.class_subset, mcm_logits=mcm, order=i,
+                    class_subset=ds.class_subset, order=i,
                 )
                 results[severity_key(ds.name, severity)] = out
                 if self.out_dir is not None:
@@ -305,6 +382,7 @@ class Evaluator:
             "preprocess": self.split.identity,
             "datasets": [{"name": d.name, "role": d.role, "n": len(d), "classes": len(t[0]),
                           "templates": len(t[1]),
-                          "class_subset": None if d.class_subset is None else len(d.class_subset)}
+                          "class_subset": None if d.class_subset is None else len(d.class_subset),
+                          **({"skipped_images": d.meta["skipped_images"]} if "skipped_images" in d.meta else {})}
                          for d, t in zip(self.datasets, self._texts)],
         }

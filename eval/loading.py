@@ -6,8 +6,11 @@ not cached offline) becomes a one-line `UserError`.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
+import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -46,12 +49,62 @@ class LoadedModel:
     info: ModelInfo
 
 
+# Model-config fields that must be positive integers (open_clip's CLIPVisionCfg / CLIPTextCfg); `layers` and
+# `image_size` may also be lists of them (ResNet stages, non-square images).
+CONFIG_INT_FIELDS: dict[str, tuple[str, ...]] = {
+    "vision_cfg": ("image_size", "layers", "width", "head_width", "patch_size", "attn_pooler_heads"),
+    "text_cfg": ("context_length", "vocab_size", "width", "heads", "layers"),
+}
+CONFIG_LIST_FIELDS = ("image_size", "layers")
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def check_model_config(path: Path, data: Any) -> None:
+    """Refuse a model config whose sizes are not positive integers, naming the field and the value (one line)."""
+    where = f"model config {str(path)!r}"
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must hold a JSON object with embed_dim, vision_cfg and text_cfg, "
+                        f"got {type(data).__name__}")
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in data]
+    if missing:
+        raise UserError(f"{where} is not an open_clip config: it lacks {', '.join(missing)} "
+                        "(needs embed_dim, vision_cfg, text_cfg)")
+    if not _positive_int(data["embed_dim"]):
+        raise UserError(f"{where}: embed_dim must be a positive integer, got {data['embed_dim']!r}")
+    for tower, names in CONFIG_INT_FIELDS.items():
+        cfg = data[tower]
+        if not isinstance(cfg, dict):
+            raise UserError(f"{where}: {tower} must be an object of settings, got {cfg!r}")
+        for key in names:
+            if key not in cfg or cfg[key] is None:
+                continue
+            v = cfg[key]
+            ok = _positive_int(v) or (key in CONFIG_LIST_FIELDS and isinstance(v, list) and bool(v)
+                                      and all(_positive_int(x) for x in v))
+            if not ok:
+                allowed = "a positive integer" + (" or a list of them" if key in CONFIG_LIST_FIELDS else "")
+                raise UserError(f"{where}: {tower}.{key} must be {allowed}, got {v!r}")
+        ratio = cfg.get("mlp_ratio")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not math.isfinite(ratio) or ratio <= 0):
+            raise UserError(f"{where}: {tower}.mlp_ratio must be a positive number, got {ratio!r}")
+
+
 def _register_config(path: Path) -> str:
     if not path.is_file():
         raise UserError(f"model config {str(path)!r} does not exist")
     try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # malformed JSON, unreadable file
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(f"model config {str(path)!r} could not be read: {type(exc).__name__}: {first}") from None
+    check_model_config(path, data)
+    try:
         open_clip.add_model_config(path)
-    except Exception as exc:  # malformed JSON etc.
+    except Exception as exc:
         raise UserError(f"model config {str(path)!r} could not be read: {type(exc).__name__}: {exc}") from None
     if path.stem not in open_clip.list_models():
         raise UserError(f"model config {str(path)!r} is not an open_clip config "
@@ -121,6 +174,45 @@ def _create(model_name: str, pretrained_tag: str | None, device: str) -> tuple[n
     return model, preprocess
 
 
+def _build(model_name: str, config: str | None) -> tuple[nn.Module, Callable]:
+    """A randomly initialised model; a config whose settings open_clip cannot build is a one-line UserError."""
+    try:
+        return _create(model_name, None, "cpu")
+    except Exception as exc:
+        if config is None:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(f"model config {config!r} does not describe a model open_clip can build "
+                        f"({type(exc).__name__}: {first[:160]})") from None
+
+
+def nonfinite_parameters(model: nn.Module) -> list[tuple[str, int, int, int]]:
+    """(name, NaN count, ±inf count, size) of every parameter holding a non-finite value."""
+    bad = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                nan = int(torch.isnan(p).sum())
+                bad.append((name, nan, int((~torch.isfinite(p)).sum()) - nan, p.numel()))
+    return bad
+
+
+def check_finite(model: nn.Module, source: str, *, allow: bool = False) -> int:
+    """Refuse weights with NaN or inf (one line naming the first such parameter and the file), or with `allow`
+    warn on stderr and go on; returns the number of non-finite parameters."""
+    bad = nonfinite_parameters(model)
+    if not bad:
+        return 0
+    name, nan, inf, numel = bad[0]
+    what = (f"{source} has non-finite weights in {len(bad)} parameter(s), e.g. {name} "
+            f"({nan} NaN, {inf} inf of {numel} values)")
+    if not allow:
+        raise UserError(f"{what}; a model with NaN/inf weights gives meaningless results: fix the checkpoint, "
+                        "or pass --allow-nonfinite to load it anyway")
+    print(f"warning: {what}; loaded anyway (--allow-nonfinite)", file=sys.stderr)
+    return len(bad)
+
+
 def _go_offline_if_unreachable(host: str = "huggingface.co", timeout: float = 3.0) -> None:
     """Without network, switch huggingface_hub to offline mode so a cached file loads and a missing one fails
     at once."""
@@ -146,25 +238,28 @@ def _check_tag(model_name: str, tag: str) -> None:
                         f"known tags: {allowed}; or pass a checkpoint path")
 
 
-def load_model(name: str | None = None, pretrained: str | None = None, *, device: str = "cpu") -> LoadedModel:
+def load_model(name: str | None = None, pretrained: str | None = None, *, device: str = "cpu",
+               allow_nonfinite: bool = False) -> LoadedModel:
     """Load a CLIP model with its eval preprocessing, tokenizer and metadata.
 
     name: None/"embedded" (the embedded Fashion-MNIST CLIP), an open_clip model name, or a config `.json`.
     pretrained: None (embedded: its checkpoint; otherwise random init), a hub tag, or a checkpoint path.
+    allow_nonfinite: load weights holding NaN or inf (with a warning) instead of refusing them (`check_finite`).
     """
     logging.getLogger("open_clip").setLevel(logging.ERROR)
     logging.getLogger("root").setLevel(logging.ERROR)
     model_name, embedded = _resolve_name(name)
+    config = str(name) if name is not None and str(name).endswith(".json") else None
     if embedded and pretrained is None and EMBEDDED_CHECKPOINT.is_file():
         pretrained = str(EMBEDDED_CHECKPOINT)
 
     if pretrained is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # random init is reproducible: same name -> same weights
-            model, preprocess = _create(model_name, None, "cpu")
+            model, preprocess = _build(model_name, config)
         source = "random"
     elif _looks_like_path(pretrained):
-        model, preprocess = _create(model_name, None, "cpu")
+        model, preprocess = _build(model_name, config)
         _load_file(model, Path(pretrained), model_name)
         source = "embedded" if embedded and Path(pretrained) == EMBEDDED_CHECKPOINT else "file"
     else:
@@ -183,6 +278,8 @@ def load_model(name: str | None = None, pretrained: str | None = None, *, device
             logging.disable(logging.NOTSET)
         source = "hub"
 
+    origin = {"random": f"the random init of {model_name}", "hub": f"hub weights {model_name}/{pretrained}"}
+    check_finite(model, origin.get(source, f"checkpoint {pretrained!r}"), allow=allow_nonfinite)
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(model_name)
     digest = named_tensors_hash(sorted(model.state_dict().items()))

@@ -40,13 +40,26 @@ def zero_shot_weights(
     class_names: Sequence[str],
     templates: Sequence[Callable[[str], str]],
     device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> Float[Tensor, "dim classes"]:
-    """Class embedding matrix W [d, K], columns unit-norm (float32)."""
+    """Class embedding matrix W [d, K], columns unit-norm (float32, on `device`), METHODS §7.
+
+    The K × templates texts (81k for ImageNet with the 80 OpenAI templates) are encoded in chunks of TEXT_BATCH,
+    with a progress bar when `progress` (quiet under TQDM_DISABLE=1, and for a single chunk).
+    """
+    import os
+
+    from tqdm.auto import tqdm
+
     texts = [t(c) for c in class_names for t in templates]
     chunks = []
-    for s in range(0, len(texts), TEXT_BATCH):  # bounded memory for 1000 classes x 80 templates
-        feats = model.encode_text(tokenizer(texts[s:s + TEXT_BATCH]).to(device)).float()
-        chunks.append(feats / feats.norm(dim=-1, keepdim=True))
+    quiet = not progress or len(texts) <= TEXT_BATCH or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
+    with tqdm(total=len(texts), desc=f"classifier ({len(class_names)} classes x {len(templates)} templates)",
+              unit="text", leave=False, disable=quiet) as bar:
+        for s in range(0, len(texts), TEXT_BATCH):  # bounded memory for 1000 classes x 80 templates
+            feats = model.encode_text(tokenizer(texts[s:s + TEXT_BATCH]).to(device)).float()
+            chunks.append(feats / feats.norm(dim=-1, keepdim=True))
+            bar.update(min(TEXT_BATCH, len(texts) - s))
     feats = torch.cat(chunks)
     feats = feats.reshape(len(class_names), len(templates), -1).mean(dim=1)
     feats = feats / feats.norm(dim=-1, keepdim=True)

@@ -51,6 +51,21 @@ def plan(results: Results, opts: Options, only: Sequence[str] | None) -> tuple[l
     return jobs, skipped
 
 
+def filter_variants(jobs: list[tuple[str, Job]], text: str, label: str) -> list[tuple[str, Job]]:
+    """The jobs whose variant matches one of the comma-separated globs (figures of no variant are kept); a glob that
+    matches no variant of the folders is a one-line UserError naming it and the variants there are."""
+    globs = [g.strip() for g in text.split(",") if g.strip()]
+    if not globs:
+        raise UserError(f"--variants {text!r} holds no glob; give e.g. --variants 'fp,lowrank*'")
+    variants = sorted({j.variant for _, j in jobs if j.variant is not None})
+    for g in globs:
+        if not any(fnmatch.fnmatchcase(v, g) for v in variants):
+            shown = ", ".join(variants[:12]) + (", ..." if len(variants) > 12 else "")
+            raise UserError(f"--variants glob {g!r} matches no variant with figures in {label}; "
+                            f"variants: {shown or 'none'}")
+    return [(n, j) for n, j in jobs if j.variant is None or any(fnmatch.fnmatchcase(j.variant, g) for g in globs)]
+
+
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -64,9 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = Options(size=args.size, ood_score=args.ood_score)
     results = Results(args.results)
     jobs, skipped = plan(results, opts, only)
-    if args.variants:
-        globs = [g.strip() for g in args.variants.split(",") if g.strip()]
-        jobs = [(n, j) for n, j in jobs if j.variant is None or any(fnmatch.fnmatchcase(j.variant, g) for g in globs)]
+    if args.variants is not None:
+        jobs = filter_variants(jobs, args.variants, results.label)
     if not jobs:
         reasons = "; ".join(skipped) or "no figure matched --variants"
         raise UserError(f"nothing to plot from {results.label}: {reasons}")

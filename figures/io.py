@@ -234,35 +234,39 @@ class Results:
         return names
 
     def check_samples(self, files: Sequence[SampleFile], keys: Sequence[str] = SAMPLE_KEYS) -> None:
-        """UserError naming the first file lacking a needed array (reads the zip index only, not the data)."""
+        """UserError naming the first file lacking a needed array (reads the zip index only, not the data);
+        `logits` is satisfied by either stored form (eval.samples: logits, or features and class weights)."""
+        from eval.samples import missing_arrays
+
         for sf in files:
             try:
                 with zipfile.ZipFile(sf.path) as z:
                     names = {n.removesuffix(".npy") for n in z.namelist()}
             except (zipfile.BadZipFile, OSError) as exc:
                 raise UserError(f"cannot read {sf.path}: {exc}") from None
-            missing = [k for k in keys if k not in names]
+            missing = missing_arrays(names, tuple(keys))
             if missing:
                 raise UserError(f"{sf.path} lacks array(s) {', '.join(missing)}")
 
     def load_samples(self, sf: SampleFile) -> dict[str, np.ndarray]:
-        """logits (N×K float64), labels (N int), and ids/groups where stored."""
+        """logits (N×K float64, masked to the class subset), labels (N int), `mcm_logits` where MCM has its own,
+        and ids/groups/logit_scale where stored: read with the one reader (`eval.samples`), either stored form."""
+        from eval.samples import SampleOutputs
+
         with np.load(sf.path, allow_pickle=False) as z:
-            out = {k: z[k] for k in z.files}
-        logits, labels = out.get("logits"), out.get("labels")
-        if logits is None or labels is None:
-            raise UserError(f"{sf.path} lacks array(s) logits/labels")
-        if logits.ndim != 2 or labels.shape != (logits.shape[0],):
-            raise UserError(f"{sf.path}: logits must be N×K and labels N; got {logits.shape} and {labels.shape}")
-        logits = logits.astype(np.float64)
-        subset = out.get("class_subset")
-        if subset is not None:  # METHODS §5: 200-class sets are scored on their classes only (mask before softmax)
-            masked = np.full_like(logits, -np.inf)
-            masked[:, subset] = logits[:, subset]
-            logits = masked
-        out["logits"] = logits
-        out["labels"] = labels.astype(np.int64)
-        return out
+            raw = {k: z[k] for k in z.files}
+        try:
+            out = SampleOutputs.from_arrays(raw, dataset=sf.dataset)
+        except KeyError as exc:
+            raise UserError(f"{sf.path} lacks array(s) {exc.args[0]}") from None
+        except ValueError as exc:
+            raise UserError(f"{sf.path}: {exc}") from None
+        arrays = {k: v for k, v in raw.items() if k not in ("features", "class_weights", "mcm_weights")}
+        arrays["logits"] = out.masked_logits().astype(np.float64)  # METHODS §5: 200-class sets scored on their classes
+        arrays["labels"] = out.labels
+        if out.has_mcm:
+            arrays["mcm_logits"] = out.mcm_logits
+        return arrays
 
     def sample_role(self, sf: SampleFile) -> str:
         """The role stored in the file (`role` array), else 'ood' when every label is −1, else 'id'."""

@@ -5,7 +5,11 @@ statistics (METHODS §6), multiplicity correction and a verdict per METHODS §3 
 [--datasets …] [--out DIR] [--shard i/n]`. Every variant — e5 (temperature-matched FP) included — is one run of
 the one runner and results store (`interventions.runner`), so an interrupted ablation resumes where it stopped
 and shards can share the work; the statistics (`interventions.referee`) are computed from the stored per-sample
-outputs once every run is finished.
+outputs once every run is finished, streamed (each run's files read once, only N-vectors kept).
+
+`python -m interventions.ablation --stats-only --out DIR [--B N | --headline] [--scores …] [--stats-seed S]`
+recomputes comparisons.csv, verdict.txt and config.json of the finished ablation in DIR from its stored runs alone
+(quantizer, controls and datasets from DIR/config.json; no model is loaded, nothing is re-run).
 
 Writes to --out: runs/ (the store), metrics/edits/gains/runs tables, samples/<variant>/<dataset>.npz (links into
 the store), comparisons.csv/.parquet (one row per METHODS §6 record), verdict.txt and config.json.
@@ -15,7 +19,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -28,8 +34,9 @@ from eval.folders import check_out, claim
 from eval.version import code_version, set_code_version
 from interventions.cli import add_eval_options, eval_options
 from interventions.grid import ALL_CONTROLS, MATCH_CRITERIA, Grid, control_spec, parse_seeds
-from interventions.referee.compare import COLUMNS, EXTRA_COLUMNS, Group, adjust, compare_endpoint
+from interventions.referee.compare import COLUMNS, EXTRA_COLUMNS, Group, adjust, compare_endpoints
 from interventions.referee.endpoints import endpoints_of
+from interventions.referee.persample import RunSamples
 from interventions.referee.tables import compact_table
 from interventions.referee.verdict import REPRO, headline_endpoints, verdicts
 from interventions.runner import Planned, Runner, plan, run_plan, threads
@@ -45,7 +52,7 @@ DEFAULT_DATASETS = "fmnist,fmnist-calibration,mnist,animal,textile"
 DEFAULT_OUT = "results/ablation"
 DEFAULT_SCORES = ("mcm", "msp")
 
-__all__ = ["COLUMNS", "DEFAULT_CONTROLS", "groups_of", "main"]
+__all__ = ["COLUMNS", "DEFAULT_CONTROLS", "group_runs", "groups_of", "main", "statistics", "stats_only"]
 
 
 def _control_items(controls: Sequence[str]) -> list[str]:
@@ -55,20 +62,21 @@ def _control_items(controls: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def groups_of(planned: Sequence[Planned], runner: Runner, quant: str, match: str,
-              items: Sequence[str]) -> list[Group]:
-    """Every run's per-sample outputs, grouped into FP, the quantizer and one group per control item \
-(seeds in order)."""
-    by_edit: dict[str | None, list[Planned]] = {}
-    for t in planned:
-        by_edit.setdefault(t.point.edit, []).append(t)
+def group_runs(entries: Sequence[tuple[str | None, int, str]], load: Callable[[str], RunSamples], quant: str,
+               match: str, items: Sequence[str]) -> list[Group]:
+    """Runs (edit spec, seed, run key) grouped into FP, the quantizer and one group per control item (seeds in
+    order); `load(key)` gives a run's samples (files, read lazily)."""
+    from interventions.registry import parse_edit
+
+    by_edit: dict[str | None, list[tuple[int, str]]] = {}
+    for edit, seed, key in entries:
+        by_edit.setdefault(edit, []).append((seed, key))
 
     def group(control: str, spec: str, family: str, match_: str | None, edit: str | None) -> Group:
-        entries = sorted(by_edit[edit], key=lambda t: t.point.seed)
-        return Group(control, spec, family, match_, [runner.outputs(t.point) for t in entries],
-                     [t.key for t in entries])
-
-    from interventions.registry import parse_edit
+        if edit not in by_edit:
+            raise UserError(f"no finished run of {spec!r} in the results folder")
+        ordered = sorted(by_edit[edit])
+        return Group(control, spec, family, match_, [load(k) for _, k in ordered], [k for _, k in ordered])
 
     groups = [group("fp", "fp", "fp", None, None), group("quant", quant, "quant", None, quant)]
     seen = {"fp", quant}
@@ -79,6 +87,15 @@ def groups_of(planned: Sequence[Planned], runner: Runner, quant: str, match: str
         seen.add(spec)
         groups.append(group(item, spec, parse_edit(spec).family, match if "match=" in spec else None, spec))
     return groups
+
+
+def groups_of(planned: Sequence[Planned], runner: Runner, quant: str, match: str,
+              items: Sequence[str]) -> list[Group]:
+    """Every run of the plan as its stored samples (read lazily), grouped into FP, the quantizer and one group per
+    control item (seeds in order)."""
+    points = {t.key: t.point for t in planned}
+    return group_runs([(t.point.edit, t.point.seed, t.key) for t in planned],
+                      lambda key: RunSamples.from_run(runner.result(points[key])), quant, match, items)
 
 
 def _edit_stats(edits: pd.DataFrame | None, groups: Sequence[Group]) -> dict[str, dict[str, float]]:
@@ -136,25 +153,20 @@ def _parser() -> ArgumentParser:
                     help="i/n: run only this share of the variants (statistics once all are done)")
     ap.add_argument("--code-version", default=None, help="pin the code version recorded in run keys")
     ap.add_argument("--force", action="store_true", help="write into a non-empty --out that another command made")
+    ap.add_argument("--stats-only", action="store_true",
+                    help="recompute comparisons.csv and verdict.txt of the finished ablation in --out from its stored "
+                         "samples (quantizer, controls, datasets from its config.json; --B, --headline, --scores, "
+                         "--stats-seed may differ); no model is loaded")
     return ap
 
 
 def _validated(args: Any) -> tuple[Grid, int, tuple[str, ...], list[str], str]:
     """Everything the command needs, checked before any work: (grid, B, scores, control items, quantizer spec)."""
-    from eval.metrics.ood import SCORES
     from interventions.registry import parse_edit
 
     if args.match not in MATCH_CRITERIA:
         raise UserError(f"unknown matching criterion {args.match!r}; allowed: {', '.join(MATCH_CRITERIA)}")
-    B = S.HEADLINE_B if args.headline else args.B
-    if B < 100:
-        raise UserError(f"--B must be >= 100, got {B}")
-    if args.stats_seed < 0:
-        raise UserError(f"--stats-seed must be an integer >= 0, got {args.stats_seed}")
-    scores = tuple(s.strip() for s in args.scores.split(",") if s.strip())
-    bad = [s for s in scores if s not in SCORES]
-    if bad or not scores:
-        raise UserError(f"unknown OOD score {bad[0] if bad else args.scores!r}; allowed: {', '.join(SCORES)}")
+    B, scores = _bootstrap_options(args)
     check_device(args.device)
     qspec = str(parse_edit(args.quant))
     if getattr(parse_edit(qspec), "family", "") != "quant":
@@ -170,18 +182,130 @@ def _validated(args: Any) -> tuple[Grid, int, tuple[str, ...], list[str], str]:
     return grid, B, scores, items, qspec
 
 
-@cli_main
-def main(argv: Sequence[str] | None = None) -> int:
+def _scores(text: str) -> tuple[str, ...]:
+    from eval.metrics.ood import SCORES
+
+    scores = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in scores if s not in SCORES]
+    if bad or not scores:
+        raise UserError(f"unknown OOD score {bad[0] if bad else text!r}; allowed: {', '.join(SCORES)}")
+    return scores
+
+
+def _bootstrap_options(args: Any) -> tuple[int, tuple[str, ...]]:
+    """(B, scores) of the statistics, checked."""
+    B = S.HEADLINE_B if args.headline else args.B
+    if B < 100:
+        raise UserError(f"--B must be >= 100, got {B}")
+    if args.stats_seed < 0:
+        raise UserError(f"--stats-seed must be an integer >= 0, got {args.stats_seed}")
+    return B, _scores(args.scores)
+
+
+@dataclass
+class Statistics:
+    comp: pd.DataFrame
+    table: str
+    notes: list[str]
+    lines: list[str]
+    seconds: float
+
+
+def statistics(groups: Sequence[Group], tables: dict[str, pd.DataFrame], *, qspec: str, scores: Sequence[str], B: int,
+               seed: int, model: str, progress: bool) -> Statistics:
+    """comparisons, the compact table and the verdict from the groups' stored samples (METHODS §6, §3 "Reading")."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
+    headers = groups[0].runs()[0].headers
+    eps = endpoints_of(headers, scores, any(h.role == "calibration" for h in headers.values()))
+    bars: dict[str, Any] = {}
+
+    def report(phase: str, done: int, total: int) -> None:
+        if not progress:
+            return
+        if phase not in bars:
+            bars[phase] = tqdm(total=total, desc=f"statistics: {phase}", leave=False)
+        bars[phase].update(done - bars[phase].n)
+
+    rows = compare_endpoints(eps, groups, B=B, seed=seed, model=model, edit_stats=_edit_stats(tables.get("edits"),
+                             groups), progress=report)
+    for bar in bars.values():
+        bar.close()
+    ordered = sorted(headers.values(), key=lambda o: o.order)
+    id_ref = next((o.dataset for o in ordered if o.role == "id" and o.severity is None), None)
+    ood_sets = [o.dataset for o in ordered if o.role == "ood"]
+    comp = adjust(pd.DataFrame(rows), headline_endpoints(id_ref, ood_sets, scores[0]))[COLUMNS + EXTRA_COLUMNS]
+    lines = verdicts(comp, id_ref, tables.get("gains"), qspec, ood_sets, scores[0])
+    return Statistics(comp, compact_table(comp, id_ref, ood_sets, scores[0]), _model_edit_notes(tables.get("edits")),
+                      lines, time.perf_counter() - t0)
+
+
+def _write(out: Path, st: Statistics, config: dict[str, Any], t0: float) -> None:
+    write_frame(st.comp, out, "comparisons")
+    write_text(out / "verdict.txt", "\n".join([st.table, "", *st.notes, *st.lines]) + "\n")
+    write_json(config, out / "config.json")
+    print()
+    print(st.table)
+    print()
+    for line in st.notes + st.lines:
+        print(line)
+    print(f"\nstatistics: {len(st.comp)} records, B = {config['B']}, in {st.seconds:.1f} s")
+    print(f"wrote {out}/comparisons.csv ({len(st.comp)} records), verdict.txt, config.json; "
+          f"{time.perf_counter() - t0:.0f} s")
+
+
+def stats_only(args: Any, argv: Sequence[str] | None, t0: float) -> int:
+    """Recompute comparisons, table and verdict of a finished ablation in --out from its stored runs (no model, no
+    forward pass): quantizer, controls and runs come from its config.json; --B/--headline, --scores and
+    --stats-seed may differ."""
+    import json
+
+    out = check_out(args.out)
+    B, scores = _bootstrap_options(args)
+    cfg_path = out / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        config = {}
+    if config.get("command") != "interventions.ablation" or not config.get("runs"):
+        raise UserError(f"{out} holds no finished ablation (no config.json written by python -m "
+                        "interventions.ablation); run the ablation first")
+    store = ResultsStore(out)
+    keys = list(config["runs"])
+    missing = [k for k in keys if not store.is_done(k)]
+    if missing:
+        raise UserError(f"{out}: {len(missing)} of the ablation's {len(keys)} runs are missing from runs/ "
+                        f"(first {missing[0]}); re-run the ablation to finish them")
+    claim(out, "python -m interventions.ablation", force=args.force)
+    runs = {k: store.load(k) for k in keys}
+    entries = [(r.config.get("edit"), int(r.config.get("seed") or 0), k) for k, r in runs.items()]
+    groups = group_runs(entries, lambda k: RunSamples.from_run(runs[k]), config["quant"], config["match"],
+                        config["controls"])
+    st = statistics(groups, store.merged(keys), qspec=config["quant"], scores=scores, B=B, seed=args.stats_seed,
+                    model=str(config.get("model", {}).get("name", "")), progress=_progress())
+    stats_argv = list(sys.argv[1:] if argv is None else argv)
+    _write(out, st, {**config, "scores": list(scores), "B": B, "stats_seed": args.stats_seed,
+                     "stats_argv": stats_argv, "stats_code_version": code_version()}, t0)
+    return 0
+
+
+def _progress() -> bool:
+    return os.environ.get("TQDM_DISABLE", "") in ("", "0")
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> int:
+    t0 = time.perf_counter()
     args = _parser().parse_args(argv)
+    if args.stats_only:
+        return stats_only(args, argv, t0)
     shard = Shard.parse(args.shard)
     out = check_out(args.out)
     if args.code_version is not None:
         set_code_version(args.code_version)
     grid, B, scores, items, qspec = _validated(args)
-    progress = os.environ.get("TQDM_DISABLE", "") in ("", "0")
+    progress = _progress()
     session = Session(grid, progress=progress)
     planned = plan(session)
     fp_suite = session.evaluator(args.datasets)
@@ -201,42 +325,17 @@ def main(argv: Sequence[str] | None = None) -> int:
               "re-run without --shard to compute the statistics")
         return 0
 
-    # ---- statistics
-    runner = Runner(session, store, verbose=False)
-    groups = groups_of(planned, runner, qspec, args.match, items)
-    fp_outs = groups[0].seeds[0]
-    eps = endpoints_of(fp_outs, scores, any(o.role == "calibration" for o in fp_outs.values()))
-    stats = _edit_stats(summary.tables.get("edits"), groups)
-    model_name = session.loaded.info.name
-    rows: list[dict[str, Any]] = []
-    for ep in tqdm(eps, desc="statistics", unit="endpoint", disable=not progress):
-        rows += compare_endpoint(ep, groups, B=B, seed=args.stats_seed, model=model_name, edit_stats=stats)
-    ordered = sorted(fp_outs.values(), key=lambda o: o.order)
-    id_ref = next((o.dataset for o in ordered if o.role == "id" and o.severity is None), None)
-    ood_sets = [o.dataset for o in ordered if o.role == "ood"]
-    comp = adjust(pd.DataFrame(rows), headline_endpoints(id_ref, ood_sets, scores[0]))[COLUMNS + EXTRA_COLUMNS]
-    lines = verdicts(comp, id_ref, summary.tables.get("gains"), qspec, ood_sets, scores[0])
-    notes = _model_edit_notes(summary.tables.get("edits"))
-
-    # ---- write and print
-    write_frame(comp, out, "comparisons")
+    # ---- statistics (streamed from the stored samples) and outputs
+    groups = groups_of(planned, Runner(session, store, verbose=False), qspec, args.match, items)
+    st = statistics(groups, summary.tables, qspec=qspec, scores=scores, B=B, seed=args.stats_seed,
+                    model=session.loaded.info.name, progress=progress)
     store.link_arrays([k for g in groups for k in g.keys])
-    table = compact_table(comp, id_ref, ood_sets, scores[0])
-    write_text(out / "verdict.txt", "\n".join([table, "", *notes, *lines]) + "\n")
-    write_json({"command": "interventions.ablation", "argv": list(sys.argv[1:] if argv is None else argv),
-                "model": session.model_info(), "quant": qspec, "controls": items, "match": args.match,
-                "seeds": list(grid.seeds), "layers": args.layers, "datasets": args.datasets, "scores": list(scores),
-                "noise": args.noise, "B": B, "stats_seed": args.stats_seed, "repro_threshold": REPRO,
-                "runs": [t.key for t in planned], "threads": threads(), "code_version": code_version(),
-                "evaluation": fp_suite.describe()},
-               out / "config.json")
-    print()
-    print(table)
-    print()
-    for line in notes + lines:
-        print(line)
-    print(f"\nwrote {out}/comparisons.csv ({len(comp)} records), verdict.txt, config.json; "
-          f"{time.perf_counter() - t0:.0f} s")
+    _write(out, st, {"command": "interventions.ablation", "argv": list(sys.argv[1:] if argv is None else argv),
+                     "model": session.model_info(), "quant": qspec, "controls": items, "match": args.match,
+                     "seeds": list(grid.seeds), "layers": args.layers, "datasets": args.datasets,
+                     "scores": list(scores), "noise": args.noise, "B": B, "stats_seed": args.stats_seed,
+                     "repro_threshold": REPRO, "runs": [t.key for t in planned], "threads": threads(),
+                     "code_version": code_version(), "evaluation": fp_suite.describe()}, t0)
     return 0
 
 

@@ -90,20 +90,28 @@ def add_eval_options(p: ArgumentParser, *, batch_size: int = 256, noise_subset: 
                    help="template set for the MCM score (METHODS §7: single); 'same' reuses --templates")
     p.add_argument("--batch-size", type=int, default=d(batch_size),
                    help=f"images per forward pass (default {batch_size})")
-    p.add_argument("--workers", type=int, default=d(0), help="DataLoader workers for image files (0: in-process)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers for image files (0: in-process; default min(8, CPUs) for image files, "
+                        "in-process for in-memory arrays)")
     if severities:
         p.add_argument("--noise-severities", default=d(",".join(f"{c:g}" for c in DEFAULT_SEVERITIES)),
                        help="comma-separated c values for x' = clip(x + c·eps, 0, 1), or 'none'")
     p.add_argument("--noise-subset", type=int, default=d(noise_subset),
                    help=f"images per ID set for noise robustness (0: all; default {noise_subset})")
+    p.add_argument("--skip-bad-images", action="store_true", default=d(False),
+                   help="decode every image file of the datasets first and leave out those that cannot be decoded "
+                        "(counted in config.json); default: an undecodable image is an error naming it")
 
 
 def eval_options(args: Namespace) -> dict[str, Any]:
-    """Evaluator options from the shared flags that were given (None: not given), validated."""
-    for flag, value, lo in (("--batch-size", args.batch_size, 1), ("--noise-subset", args.noise_subset, 0),
-                            ("--workers", args.workers, 0)):
+    """Evaluator options from the shared flags that were given (None: not given), validated; plus the two loading
+    options every evaluating command takes, present only when set (so they change no other run's key):
+    `skip_bad_images` (--skip-bad-images, a dataset option) and `allow_nonfinite` (--allow-nonfinite, the model)."""
+    for flag, value, lo, meaning in (("--batch-size", args.batch_size, 1, "images per forward pass"),
+                                     ("--noise-subset", args.noise_subset, 0, "0 = every image"),
+                                     ("--workers", args.workers, 0, "0 = load images in-process")):
         if value is not None and value < lo:
-            raise UserError(f"{flag} must be >= {lo}, got {value}")
+            raise UserError(f"{flag} must be an integer >= {lo} ({meaning}), got {value}")
     opts: dict[str, Any] = {}
     if args.templates is not None:
         opts["templates"] = args.templates
@@ -117,20 +125,18 @@ def eval_options(args: Namespace) -> dict[str, Any]:
         opts["num_workers"] = args.workers
     if getattr(args, "noise_severities", None) is not None:
         opts["noise_severities"] = list(parse_severities(args.noise_severities))
+    if getattr(args, "skip_bad_images", False):
+        opts["skip_bad_images"] = True
+    if getattr(args, "allow_nonfinite", False):
+        opts["allow_nonfinite"] = True
     return opts
 
 
 def parse_severities(text: str) -> tuple[float, ...]:
-    """'0.08,0.12' -> (0.08, 0.12); 'none' or '' -> no noise rows."""
-    if text.strip().lower() in ("", "none"):
-        return ()
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"--noise-severities must be comma-separated numbers (or 'none'), got {text!r}") from None
-    if any(not 0 < v < float("inf") for v in vals):
-        raise UserError(f"--noise-severities must be positive finite numbers, got {text!r}")
-    return vals
+    """'0.08,0.12' -> (0.08, 0.12); 'none' or '' -> no noise rows (`interventions.grid.parse_severities`)."""
+    from interventions.grid import parse_severities as severities
+
+    return severities(text, "--noise-severities")
 
 
 def _check_variants(points: Sequence[Point], specs: Sequence[str]) -> None:

@@ -6,6 +6,7 @@ modes give several variants in one run.
 """
 from __future__ import annotations
 
+import math
 import sys
 from argparse import Namespace
 
@@ -23,6 +24,15 @@ def _build(p: ArgumentParser) -> None:
 
 
 def _specs(args: Namespace) -> list[str]:
+    for flag, value in (("--value", args.value), ("--at", args.at)):
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value}")
+    if args.at is not None and not 0 <= args.at < 1:
+        raise UserError(f"--at (tail start ρ) must be in [0, 1), got {args.at}")
+    if args.value is not None and args.value < 0:
+        raise UserError(f"--value (τ/σ₁ or γ) must be >= 0, got {args.value}")
+    if args.value is not None and args.value > 1 and "tail" in args.mode:
+        raise UserError(f"--value (tail gain γ) must be in [0, 1] for --mode tail, got {args.value}")
     specs = []
     for mode in args.mode:
         if mode not in SHRINKS and (args.value is not None or args.at is not None):

@@ -46,30 +46,116 @@ def _as_tuple(value: Any, what: str) -> tuple:
 
 def parse_seeds(value: Any, what: str = "--seeds") -> tuple[int, ...]:
     """The one seeds rule of every command: a count N -> seeds 0..N−1; a list ("0,3,7", [0, 3]) -> those seeds."""
+    allowed = "a count >= 1 (e.g. 5 for seeds 0..4) or a list of distinct integers >= 0 (e.g. 0,3,7)"
+    given = value  # named in every message as the user wrote it
     if isinstance(value, str):
         parts = [p for p in value.replace(",", " ").split() if p]
         try:
             value = int(parts[0]) if len(parts) == 1 and "," not in value else [int(p) for p in parts]
         except ValueError:
-            raise UserError(f"{what} must be a count (e.g. 5 for seeds 0..4) or a comma list of integers, "
-                            f"got {value!r}") from None
+            raise UserError(f"{what} must be {allowed}, got {given!r}") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         if value < 1:
-            raise UserError(f"{what} must be a count >= 1 (e.g. 5 for seeds 0..4), got {value!r}")
+            raise UserError(f"{what} must be {allowed}, got {given!r}")
         return tuple(range(int(value)))
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{what} must be {allowed}, got {given!r}")
     try:
-        seeds = tuple(_int(s) for s in _as_tuple(value, "seeds"))
+        seeds = tuple(_int(s) for s in value)
     except (TypeError, ValueError):
-        raise UserError(f"{what} must be a count >= 1 or a list of integers >= 0, got {value!r}") from None
+        raise UserError(f"{what} must be {allowed}, got {given!r}") from None
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise UserError(f"{what} must be a count >= 1 or a list of distinct integers >= 0, got {value!r}")
+        raise UserError(f"{what} must be {allowed}, got {given!r}")
     return seeds
 
 
 def _int(x: Any) -> int:
     if isinstance(x, bool) or (isinstance(x, float) and not x.is_integer()):
         raise ValueError
+    if isinstance(x, str):
+        return int(x.strip())
+    if not isinstance(x, (int, float, np.integer)):
+        raise TypeError
     return int(x)
+
+
+def parse_severities(value: Any, what: str = "--noise-severities") -> tuple[float, ...]:
+    """Noise severities c (x' = clip(x + c·eps, 0, 1)): '0.08,0.12' or [0.08, 0.12] -> (0.08, 0.12); 'none', '' or
+    [] -> no noise rows. Anything else is a one-line UserError naming `what` and the value."""
+    allowed = "comma-separated positive finite numbers (e.g. 0.08,0.12) or 'none'"
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        if value.strip().lower() in ("", "none"):
+            return ()
+        items: list[Any] = value.split(",")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        items = [value]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise UserError(f"{what} must be {allowed}, got {value!r}")
+    try:
+        if any(isinstance(v, bool) or not isinstance(v, (str, int, float)) for v in items):
+            raise ValueError
+        vals = tuple(float(v) for v in items)
+    except ValueError:
+        raise UserError(f"{what} must be {allowed}, got {value!r}") from None
+    if any(not 0 < v < float("inf") for v in vals):
+        raise UserError(f"{what} must be {allowed}, got {value!r}")
+    return vals
+
+
+def _option_int(key: str, v: Any, lo: int, *, none_ok: bool = False) -> int | None:
+    if v is None and none_ok:
+        return None
+    try:
+        n = _int(v)
+    except (TypeError, ValueError):
+        n = None
+    if n is None or n < lo:
+        extra = " (or null)" if none_ok else ""
+        raise UserError(f"grid option {key!r} must be an integer >= {lo}{extra}, got {v!r}")
+    return n
+
+
+def _option_bool(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise UserError(f"grid option {key!r} must be true or false, got {v!r}")
+    return v
+
+
+def _option_templates(key: str, v: Any) -> str:
+    from eval.zeroshot import TEMPLATE_SETS
+
+    allowed = (*TEMPLATE_SETS, "dataset")
+    if v not in allowed:
+        raise UserError(f"grid option {key!r} must be one of {', '.join(allowed)}, got {v!r}")
+    return str(v)
+
+
+def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A grid file's `options`, each known option checked (one line naming the option and the value) and
+    normalised like the CLI flags (`noise_subset: 0` = every image); unknown names are left to the runner."""
+    out: dict[str, Any] = {}
+    for key, v in options.items():
+        if key == "batch_size":
+            out[key] = _option_int(key, v, 1)
+        elif key == "noise_subset":
+            out[key] = _option_int(key, v, 0, none_ok=True) or None  # 0 or null: every image
+        elif key == "num_workers":
+            out[key] = _option_int(key, v, 0)
+        elif key == "noise_severities":
+            out[key] = list(parse_severities(v, f"grid option {key!r}"))
+        elif key in ("templates", "mcm_templates"):
+            out[key] = _option_templates(key, v)
+        elif key in ("gains", "spectra", "skip_bad_images", "allow_nonfinite"):
+            out[key] = _option_bool(key, v)
+        else:
+            out[key] = v
+    return out
 
 
 def parse_seed(value: Any) -> tuple[int, ...]:
@@ -138,8 +224,11 @@ class Grid:
                 kw[k] = v
             elif k == "options":
                 if v is not None and not isinstance(v, Mapping):
-                    raise UserError(f"grid key 'options' must be a mapping of option: value, got {v!r}")
-                kw[k] = dict(v or {})
+                    raise UserError(f"grid key 'options' must be a mapping of option: value (e.g. "
+                                    f"{{noise_severities: [], batch_size: 64}}), got {v!r}")
+                kw[k] = check_options(v or {})
+            elif isinstance(v, (list, tuple, Mapping)):
+                raise UserError(f"grid key {k!r} takes a single value, got {v!r}")
             else:
                 kw[k] = None if v is None else str(v)
         return cls(**kw)

@@ -5,6 +5,7 @@ or none of them: k matched to `--match-quant` by `--match` (M1: smallest k with 
 """
 from __future__ import annotations
 
+import math
 import sys
 from argparse import Namespace
 
@@ -21,6 +22,13 @@ def _build(p: ArgumentParser) -> None:
 
 
 def _specs(args: Namespace) -> list[str]:
+    for flag, what, values in (("--rank-frac", "rank", args.rank_frac), ("--energy", "energy", args.energy)):
+        bad = [v for v in values or () if not (math.isfinite(v) and 0 < v <= 1)]
+        if bad:
+            raise UserError(f"{flag} must be a {what} fraction in (0, 1], got {bad[0]}")
+    bad_rank = [k for k in args.rank or () if k < 1]
+    if bad_rank:
+        raise UserError(f"--rank must be an integer >= 1, got {bad_rank[0]}")
     if args.rank_frac:
         return [f"lowrank:frac={v!r}" for v in args.rank_frac]
     if args.rank:

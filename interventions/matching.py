@@ -1,8 +1,9 @@
 """Matching a control to a quantizer Q on the matrices Q touches (METHODS §3, criteria M1–M3).
 
-For each matrix the quantized reference `QuantRef` holds Ŵ = Q(W), E = Ŵ − W and Q's grid (computed lazily,
-once). A criterion turns a candidate W′ into one number; the control's free parameter is solved per matrix
-(closed form where the family is linear in it, bisection otherwise) so that number equals Q's:
+For each matrix the quantized reference `QuantRef` holds Ŵ = Q(W), E = Ŵ − W and Q's grid (computed lazily, and
+through the session's quantizer cache once per (matrix, quantizer) for a whole plan). A criterion turns a
+candidate W′ into one number; the control's free parameter is solved per matrix (closed form where the family is
+linear in it, bisection otherwise) so that number equals Q's:
 
 - `fro` (M1): ‖W′ − W‖_F = ‖E‖_F;
 - `output` (M2): ‖(W′ − W)Xᵀ‖_F = ‖E Xᵀ‖_F with X the matrix's calibration inputs (`MatrixContext.calib_inputs`);
@@ -14,6 +15,9 @@ for every control: `match_target`, `match_achieved`, `match_rel_err`, `match_rea
 `match_discrete` marks the closest achievable value). A matched control is applied with the same selector as its
 quantizer and each matrix's target is Q of that very matrix, so the two touch exactly the same matrices.
 `capture_inputs` collects the M2 inputs X with forward hooks.
+
+Device: every criterion is evaluated where the weight lives (float64 there, METHODS §3–§4); calibration inputs on
+another device are moved to the weight's, never the reverse. Only the scalar results cross to the host.
 """
 from __future__ import annotations
 
@@ -52,12 +56,16 @@ def check_criterion(match: str) -> str:
     return match
 
 
-def quantizer(spec: str) -> Edit:
-    """Build the quantizer that defines Ŵ; it must expose `quantize(w) -> (Ŵ, grid)` (a registered quantizer config)."""
-    q = parse_edit(spec)
+def quantizer(spec: str, what: str = "--match-quant") -> Edit:
+    """Build the quantizer that defines Ŵ; it must expose `quantize(w) -> (Ŵ, grid)` (a registered quantizer config).
+    `what` names the option the spec came from in the error (e.g. --spec for interventions.quantize)."""
+    try:
+        q = parse_edit(spec)
+    except UserError as exc:
+        raise UserError(f"{what} {spec!r}: {exc}") from None
     if not hasattr(q, "quantize"):
-        raise UserError(f"--match-quant {spec!r} is not a weight quantizer (it has no quantization grid); "
-                        f"use e.g. {DEFAULT_QUANT}, int8-ch, nf4")
+        raise UserError(f"{what} {spec!r} is not a weight quantizer (it has no quantization grid); "
+                        f"use e.g. {DEFAULT_QUANT}, int8-ch, nf4 (python -m interventions.edit --list)")
     return q
 
 
@@ -68,7 +76,8 @@ def minmax_variant(q: Edit) -> Edit:
 
 @dataclass
 class QuantRef:
-    """The quantized reference of one matrix: Ŵ, E and Q's grid, each computed at most once."""
+    """The quantized reference of one matrix: Ŵ, E and Q's grid, each computed at most once (Ŵ and the grid at most
+    once per plan, through `MatrixContext.quantized`); read-only, on W's device."""
 
     quant: Edit
     w: Float[Tensor, "out in"]
@@ -76,7 +85,7 @@ class QuantRef:
 
     @cached_property
     def _quantized(self) -> tuple[Tensor, QuantGrid]:
-        w_hat, grid = self.quant.quantize(self.w)  # type: ignore[attr-defined]
+        w_hat, grid = self.ctx.quantized(self.quant, self.w)
         return w_hat.to(torch.float32), grid
 
     @cached_property
@@ -108,8 +117,8 @@ def _stable_rank(s: Float[Tensor, " r"]) -> float:
 
 
 def output_norm(d: Float[Tensor, "out in"], x: Float[Tensor, "n in"]) -> float:
-    """‖D Xᵀ‖_F (M2)."""
-    return frob(x.to(torch.float64) @ d.to(torch.float64).T)
+    """‖D Xᵀ‖_F (M2), in float64 on D's device."""
+    return frob(x.to(device=d.device, dtype=torch.float64) @ d.to(torch.float64).T)
 
 
 def _calib(ctx: MatrixContext) -> Float[Tensor, "n in"]:
@@ -144,7 +153,7 @@ def measure(criterion: str, w: Float[Tensor, "out in"], w_new: Float[Tensor, "ou
 def spectral_weights(criterion: str, ctx: MatrixContext, vh: Float[Tensor, "r n"]) -> Tensor | None:
     """Per-direction weights c_i so that a same-basis edit has ‖ΔW Xᵀ‖² = Σ c_i (σ′_i − σ_i)² (c ≡ 1 for fro)."""
     if criterion == "output":
-        x = _calib(ctx).to(torch.float64)
+        x = _calib(ctx).to(device=vh.device, dtype=torch.float64)
         return (x @ vh.T).pow(2).sum(0)
     return None
 

@@ -7,10 +7,12 @@ dither: a quantizer variant). One variant per seed (`--seeds 5` for METHODS' fiv
 """
 from __future__ import annotations
 
+import math
 import sys
 from argparse import Namespace
 
 from eval.cli import ArgumentParser, cli_main
+from eval.errors import UserError
 from interventions.cli import main_for
 from interventions.controls.noise import ALIASES, DISTS, KINDS
 
@@ -24,6 +26,10 @@ def _build(p: ArgumentParser) -> None:
 
 
 def _specs(args: Namespace) -> list[str]:
+    if args.scale is not None and not (math.isfinite(args.scale) and args.scale >= 0):
+        raise UserError(f"--scale must be a finite number >= 0 (0 returns W), got {args.scale}")
+    if args.group is not None and args.group < 1:
+        raise UserError(f"--group must be an integer >= 1, got {args.group}")
     out = []
     for kind in args.kind:
         keys = [f"dist={args.dist}"] if args.dist else []

@@ -31,9 +31,12 @@ def _specs(args: Namespace) -> list[str]:
             raise UserError(f"{seed[0]} stands alone: it sets both --spec and --act")
         args.spec, args.act = [SEED_SETTINGS[seed[0]][0]], SEED_SETTINGS[seed[0]][1]
     if args.act is not None:
-        parse_act_spec(args.act)
+        try:
+            parse_act_spec(args.act)
+        except UserError as exc:
+            raise UserError(f"--act {args.act!r}: {exc}") from None
     for s in args.spec:
-        quantizer(s)  # a control spec here is a user error
+        quantizer(s, "--spec")  # a control spec here is a user error
     if args.match_quant is not None:
         raise UserError("--match-quant does not apply to interventions.quantize; give the quantizer with --spec")
     return list(args.spec)

@@ -11,12 +11,17 @@ Besides `apply(w, ctx) -> Edited(Ŵ, {q_a_mean, q_clipped_frac})`, every quantiz
 `quantize(w) -> (Ŵ, QuantGrid)`, `grid(w)` and
 `with_range(a)` (the same quantizer with a fixed clipping ratio, a = 1: min-max) for the clipping-only,
 rounding-only, dead-zone-only and dither controls (METHODS §3 c5, d).
+
+`QuantCache` (one per session) computes Ŵ and the grid once per (matrix content, quantizer spec): the quantizer's
+own run and every matched control, seed and criterion of a plan read the same entry (`MatrixContext.quantized`).
+Everything stays on the weight's device.
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
 import re
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,6 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from eval.errors import UserError
+from eval.hashing import tensor_hash
 from interventions import fakequant as fq
 from interventions.fakequant import QuantGrid
 from interventions.registry import Edit, Edited, MatrixContext, register_edit
@@ -75,8 +81,8 @@ class Quantizer(Edit):
         return self
 
     def apply(self, w: Float[Tensor, "out in"], ctx: MatrixContext) -> Edited:
-        q, grid = self.quantize(w)
-        return Edited(q, {"q_a_mean": grid.a_mean(), "q_clipped_frac": grid.clipped_fraction(w)})
+        q, grid = ctx.quantized(self, w)
+        return Edited(q.clone(), {"q_a_mean": grid.a_mean(), "q_clipped_frac": grid.clipped_fraction(w)})
 
     def params(self) -> dict[str, Any]:
         """The same edits.csv columns for every format (the registry prefixes them with `p_`)."""
@@ -183,6 +189,51 @@ class FP8Quantizer(Quantizer):
 
     def params(self) -> dict[str, Any]:
         return super().params()
+
+
+# ------------------------------------------------------------------------------------------------ caching
+class QuantCache:
+    """(Ŵ, grid) once per (matrix content, quantizer spec, device), shared by every run of a plan (DESIGN: the
+    session's quantizer cache). Entries are read-only: callers build new tensors from them, never edit in place.
+
+    `misses` counts quantizations done, `hits` the ones avoided; `max_bytes` optionally bounds the Ŵ bytes held
+    (least recently used first; the grid's per-set statistics are small, its expanded per-entry views lazy).
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes
+        self._store: OrderedDict[tuple[str, str, str], tuple[Tensor, QuantGrid]] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def quantize(self, quant: Quantizer, w: Float[Tensor, "out in"]) -> tuple[Float[Tensor, "out in"], QuantGrid]:
+        """`quant.quantize(w)`, computed at most once per (content of w, str(quant), device)."""
+        key = (tensor_hash(w), str(quant), str(w.device))
+        hit = self._store.get(key)
+        if hit is not None:
+            self._store.move_to_end(key)
+            self.hits += 1
+            return hit
+        entry = quant.quantize(w)
+        self.misses += 1
+        self._store[key] = entry
+        self._bytes += entry[0].numel() * entry[0].element_size()
+        while self.max_bytes is not None and self._bytes > self.max_bytes and len(self._store) > 1:
+            _, (old, _) = self._store.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def clear(self) -> None:
+        self._store.clear()
+        self._bytes = 0
 
 
 # ------------------------------------------------------------------------------------------------ parsing

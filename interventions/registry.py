@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
 import torch
@@ -25,6 +25,10 @@ from spectral.nulls import matrix_generator
 from spectral.selector import Selector, select
 from spectral.svd import SVDCache, SVDFactors, svd_factors
 from spectral.views import WeightView, total_parameters, weight_views
+
+if TYPE_CHECKING:
+    from interventions.fakequant import QuantGrid
+    from interventions.quantizers import QuantCache
 
 # Columns of every edits.csv row, in order (METHODS §8), before the `p_*` parameters and the edit's own fields.
 BASE_COLUMNS: tuple[str, ...] = (
@@ -41,9 +45,17 @@ class MatrixContext:
     seed: int = 0
     cache: SVDCache | None = None
     calib_inputs: Tensor | None = None  # [n, in] inputs of this matrix for output-distortion matching (M2)
+    quant_cache: QuantCache | None = None  # Ŵ and Q's grid once per (matrix content, quantizer) for a whole plan
 
     def svd(self, w: Float[Tensor, "out in"]) -> SVDFactors:
+        """Float64 factors of `w` on w's device, from the run's SVD cache (one decomposition per content)."""
         return svd_factors(w, self.cache)
+
+    def quantized(self, quant: Any, w: Float[Tensor, "out in"]) -> tuple[Float[Tensor, "out in"], QuantGrid]:
+        """(Ŵ, grid) = quant.quantize(w), shared through the plan's quantizer cache when there is one (read-only)."""
+        if self.quant_cache is None:
+            return quant.quantize(w)
+        return self.quant_cache.quantize(quant, w)
 
     def generator(self, salt: str = "", device: torch.device | str = "cpu") -> torch.Generator:
         """A torch.Generator seeded from (matrix name, seed, salt): same inputs, same stream, on any machine."""
@@ -71,6 +83,7 @@ class Edit(abc.ABC):
 
     family: ClassVar[str] = "edit"
     stochastic: ClassVar[bool] = False
+    needs_svd: ClassVar[bool] = False  # uses W's factors: the runner decomposes the selected matrices first, batched
     report_fields: ClassVar[tuple[str, ...]] = ()  # edits.csv columns this family adds (beyond BASE and p_*)
 
     def apply(self, w: Float[Tensor, "out in"], ctx: MatrixContext) -> Edited:
@@ -189,16 +202,26 @@ def _frob(t: Tensor) -> float:
     return float(torch.linalg.vector_norm(t).item())
 
 
-def edit_matrix(edit: Edit, view: WeightView, ctx: MatrixContext) -> tuple[float, Mapping[str, Any]]:
-    """Edit one matrix in place (float32 math, written back in the param dtype); returns (δ, the edit's own fields).
+def check_edited(edit: Edit, name: str, w: Float[Tensor, "out in"], w_new: Tensor) -> None:
+    """Device discipline of an edit: W′ has W's shape, lives on W's device and is float32 (METHODS preamble)."""
+    if w_new.shape != w.shape:
+        raise RuntimeError(f"edit {edit} changed the shape of {name}: {tuple(w.shape)} -> {tuple(w_new.shape)}")
+    if w_new.device != w.device:
+        raise RuntimeError(f"edit {edit} returned {name} on {w_new.device}, but the weight is on {w.device}")
+    if w_new.dtype != torch.float32:
+        raise RuntimeError(f"edit {edit} returned {name} as {w_new.dtype}; edits return float32")
 
-    Raises if the edit changed the shape or returned a field its family did not declare (`Edit.declared_fields`).
+
+def edit_matrix(edit: Edit, view: WeightView, ctx: MatrixContext) -> tuple[float, Mapping[str, Any]]:
+    """Edit one matrix in place (float32 math on the weight's device, written back in the param dtype); returns
+    (δ, the edit's own fields).
+
+    Raises if the edit changed the shape, answered on another device or dtype (`check_edited`), or returned a field
+    its family did not declare (`Edit.declared_fields`).
     """
     w = view.get().to(torch.float32).clone()
     out = edit.apply(w, ctx)
-    if out.weight.shape != w.shape:
-        raise RuntimeError(f"edit {edit} changed the shape of {view.name}: "
-                           f"{tuple(w.shape)} -> {tuple(out.weight.shape)}")
+    check_edited(edit, view.name, w, out.weight)
     undeclared = [k for k in out.fields if k not in edit.declared_fields()]
     if undeclared:
         raise RuntimeError(f"edit {edit} ({type(edit).__name__}) returned report fields {undeclared} it does not "
@@ -211,12 +234,14 @@ def edit_matrix(edit: Edit, view: WeightView, ctx: MatrixContext) -> tuple[float
 def _matrix_edit_rows(
     edit: Edit, views: list[WeightView], *, variant: str, coverage: float, total: int, seed: int,
     cache: SVDCache | None, progress: Callable[[Iterable], Iterable] | None, contexts: dict[str, MatrixContext] | None,
+    quant_cache: QuantCache | None = None,
 ) -> list[dict[str, Any]]:
     """The per-matrix loop of `apply_edit`: edit every selected view, one edits.csv row each (METHODS §8)."""
     params = {f"p_{k}": val for k, val in edit.params().items()}
     rows: list[dict[str, Any]] = []
     for v in (progress(views) if progress else views):
-        ctx = (contexts or {}).get(v.name) or MatrixContext(name=v.name, view=v, seed=seed, cache=cache)
+        ctx = (contexts or {}).get(v.name) or MatrixContext(name=v.name, view=v, seed=seed, cache=cache,
+                                                              quant_cache=quant_cache)
         delta, fields = edit_matrix(edit, v, ctx)
         rows.append({
             "variant": variant, "matrix": v.name, "tower": v.tower, "kind": v.kind,
@@ -237,8 +262,11 @@ def apply_edit(
     cache: SVDCache | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
     contexts: dict[str, MatrixContext] | None = None,
+    quant_cache: QuantCache | None = None,
 ) -> EditReport:
-    """Apply `edit` in place to every selected matrix of `model` (float32 math, written back in the param dtype)."""
+    """Apply `edit` in place to every selected matrix of `model` (float32 math on the model's device, written back
+    in the param dtype). `cache` / `quant_cache`: the run's SVD and quantizer caches (one decomposition per matrix,
+    one quantization per (matrix, quantizer) across every edit that shares them)."""
     edit = parse_edit(edit) if isinstance(edit, str) else edit
     if isinstance(edit, ModelEdit):
         raise UserError(f"{edit} edits the whole model from evaluated outputs; run it through a command "
@@ -248,7 +276,7 @@ def apply_edit(
     cov = sum(v.numel for v in views) / max(total, 1)
     variant = variant or str(edit)
     rows = _matrix_edit_rows(edit, views, variant=variant, coverage=cov, total=total, seed=seed, cache=cache,
-                             progress=progress, contexts=contexts)
+                             progress=progress, contexts=contexts, quant_cache=quant_cache)
     return EditReport(variant=variant, spec=str(edit), coverage=cov, rows=rows)
 
 

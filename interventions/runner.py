@@ -33,13 +33,19 @@ class Planned(NamedTuple):
     config: dict[str, Any]
 
 
+# Options that change how a run is computed but never its numbers (DataLoader workers give the in-process bytes):
+# not part of the run key, so a run resumes whatever --workers the next command uses.
+NOT_IN_KEY = ("num_workers",)
+
+
 def point_config(p: Point, session: Session) -> dict[str, Any]:
     """The full configuration of one run: everything its result depends on, including the code version."""
     grid = session.grid
+    options = {k: v for k, v in sorted(grid.options.items()) if k not in NOT_IN_KEY}
     return {
         "experiment": grid.experiment, "model": session.model_info(), "layers": grid.layers, "variant": p.variant,
         "family": p.family, "edit": p.edit, "quant": p.quant, "match": p.match, "seed": p.seed, "dataset": p.dataset,
-        "act": p.act, "options": dict(sorted(grid.options.items())), "code_version": code_version(),
+        "act": p.act, "options": options, "code_version": code_version(),
     }
 
 
@@ -76,13 +82,16 @@ def edit_model(edit: Any, model: nn.Module, p: Point, runner: "Runner") -> EditR
 @edit_model.register(Edit)
 def _(edit: Edit, model: nn.Module, p: Point, runner: "Runner") -> EditReport:
     s = runner.session
+    if edit.needs_svd:
+        s.fp_factors()  # every selected matrix decomposed once, batched by shape; the edit's lookups then hit
     contexts = None
     if p.match == "output":  # M2: each matrix's calibration inputs
         x = s.calib_inputs(p.dataset)
-        contexts = {v.name: MatrixContext(v.name, v, seed=p.seed, cache=s.svd_cache, calib_inputs=x[v.name])
+        contexts = {v.name: MatrixContext(v.name, v, seed=p.seed, cache=s.svd_cache, calib_inputs=x[v.name],
+                                          quant_cache=s.quant_cache)
                     for v in s.views(model)}
     return apply_edit(model, edit, s.grid.layers, seed=p.seed, variant=p.variant, cache=s.svd_cache,
-                      progress=runner.bar(p.variant), contexts=contexts)
+                      progress=runner.bar(p.variant), contexts=contexts, quant_cache=s.quant_cache)
 
 
 @edit_model.register(ModelEdit)
@@ -171,19 +180,23 @@ def _edit_tables(p: Point, runner: "Runner", model: nn.Module, report: EditRepor
 @register_experiment("edit", "apply the edit; record δ and coverage per matrix and the singular values", _validate_edit)
 def edit_experiment(p: Point, runner: "Runner") -> RunResult:
     """The cheapest real run: edit a copy of the model and record what changed (METHODS §8 edits.csv, spectra)."""
-    import torch
-
     from spectral.metrics import spectrum_metrics
     from spectral.report import variant_filename
 
+    s = runner.session
     model, report = runner.edited(p)
-    views = runner.session.views(model)
-    svals = {v.name: torch.linalg.svdvals(v.get().detach().to(torch.float64)) for v in views}
+    views = s.views(model)
+    if p.edit is None:  # σ(W) from the session's factors: W is decomposed once, for the gains of every run as well
+        fp = s.fp_factors()
+        sig = [fp[v.name].S for v in views]
+    else:  # W′ is a new matrix: singular values only, batched on the device, not kept
+        sig = s.svd_cache.values_many([v.get().detach() for v in views], store=False)
+    svals = {v.name: x.cpu() for v, x in zip(views, sig)}  # a report: r numbers per matrix, to the host once
     spectra = pd.DataFrame([{"variant": p.variant, "matrix": v.name,
                              **spectrum_metrics(svals[v.name], tuple(v.shape), v.param.dtype, fit=False)}
                             for v in views])
     tables = {"spectra": spectra, **_edit_tables(p, runner, model, report)}
-    arrays = {f"spectra/{variant_filename(p.variant)}": {k: s.numpy() for k, s in svals.items()}}
+    arrays = {f"spectra/{variant_filename(p.variant)}": {k: x.numpy() for k, x in svals.items()}}
     return RunResult(tables=tables, arrays=arrays)
 
 

@@ -1,5 +1,12 @@
-"""Per-process state shared by every run of a plan: the loaded model (edited on deep copies), the SVD cache, one
-evaluator per dataset suite (its feature and classifier caches serve every variant) and the calibration inputs.
+"""Per-process state shared by every run of a plan: the loaded model (edited on deep copies), the SVD cache, the
+quantizer cache, one evaluator per dataset suite (its feature and classifier caches serve every variant) and the
+calibration inputs.
+
+No repeated work (DESIGN "One SVD, many edits"): the SVD cache runs on the grid's device and holds float64 factors
+keyed by matrix content, so one decomposition per matrix serves every edit, the gain profile and the spectra of a
+plan (`fp_factors` decomposes the selected matrices up front, same-shape matrices batched); the quantizer cache
+holds Ŵ and Q's grid once per (matrix, quantizer) for the quantizer's own run and every matched control, seed and
+criterion. Both count their work (`svd_cache.misses`, `quant_cache.misses`).
 
 A session never decides what to run; `interventions.runner` asks it for an edited model and an evaluator.
 """
@@ -18,7 +25,8 @@ from interventions.grid import Grid, Point
 
 CALIB_IMAGES = 256  # METHODS §3 M2: ≈256 calibration inputs
 EVALUATOR_OPTIONS = ("templates", "mcm_templates", "batch_size", "noise_severities", "noise_subset", "num_workers")
-OPTIONS = EVALUATOR_OPTIONS + ("gains", "spectra")
+LOADING_OPTIONS = ("skip_bad_images", "allow_nonfinite")  # how datasets and the model are loaded
+OPTIONS = EVALUATOR_OPTIONS + LOADING_OPTIONS + ("gains", "spectra")
 
 
 @dataclass(frozen=True)
@@ -37,15 +45,19 @@ class Session:
 
     def __init__(self, grid: Grid, *, progress: bool = False) -> None:
         from eval.loading import load_model
+        from interventions.quantizers import QuantCache
         from spectral.svd import SVDCache
 
         self.grid = grid
         self.progress = progress
-        self.loaded = load_model(grid.model, grid.pretrained, device=grid.device)
-        self.svd_cache = SVDCache()
+        self.loaded = load_model(grid.model, grid.pretrained, device=grid.device,
+                                 allow_nonfinite=bool(grid.options.get("allow_nonfinite", False)))
+        self.svd_cache = SVDCache(device=grid.device)
+        self.quant_cache = QuantCache()
         self._evaluators: dict[str, Any] = {}
         self._calibration: dict[str, Calibration] = {}
         self._inputs: dict[str, dict[str, Tensor]] = {}
+        self._fp_factors: dict[str, Any] | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -76,7 +88,8 @@ error."""
             from eval.dataset_specs import load_datasets
             from eval.evaluator import Evaluator
 
-            datasets = load_datasets(None if suite == "embedded" else suite)
+            datasets = load_datasets(None if suite == "embedded" else suite,
+                                     skip_bad_images=bool(self.grid.options.get("skip_bad_images", False)))
             opts = {k: v for k, v in self.grid.options.items() if k in EVALUATOR_OPTIONS}
             self._evaluators[suite] = Evaluator.from_loaded(self.loaded, datasets, device=self.grid.device,
                                                            progress=self.progress, **opts)
@@ -134,25 +147,40 @@ error."""
         return handle.summary()
 
     # ---------------------------------------------------------------------------------- measurements
-    def gain_profile(self, p: Point, model: nn.Module) -> pd.DataFrame:
-        """FP-basis gains of every selected matrix by decile of i (METHODS §3 b3, §4; `spectral.gains`)."""
-        from spectral.gains import fp_basis_gains, gain_deciles
-        from spectral.svd import svd_factors
+    def fp_factors(self) -> dict[str, Any]:
+        """{view name: float64 SVD factors} of the unedited selected matrices, on the model's device: decomposed once
+        per session (same-shape matrices batched, `SVDCache.factors_many`), then served from the SVD cache."""
+        if self._fp_factors is None:  # the session's model is never edited in place (variants are deep copies)
+            views = self.views()
+            factors = self.svd_cache.factors_many([v.get().to(torch.float32) for v in views])
+            self._fp_factors = {v.name: f for v, f in zip(views, factors)}
+        return self._fp_factors
 
-        base = {v.name: v for v in self.views()}
+    def gain_profile(self, p: Point, model: nn.Module) -> pd.DataFrame:
+        """FP-basis gains of every selected matrix by decile of i (METHODS §3 b3, §4; `spectral.gains`), from the
+        session's factors of W (the same decomposition the edits used), on the model's device."""
+        from spectral.gains import fp_basis_gains, gain_deciles
+
+        base = self.fp_factors()
         rows = []
         for v in self.views(model):
-            f = svd_factors(base[v.name].get().detach().to(torch.float64), self.svd_cache)
-            for d in gain_deciles(fp_basis_gains(f, v.get().detach())):
+            for d in gain_deciles(fp_basis_gains(base[v.name], v.get().detach())):
                 rows.append({"variant": p.variant, "matrix": v.name, **d})
         return pd.DataFrame(rows)
 
     def spectra(self, p: Point, model: nn.Module) -> tuple[pd.DataFrame, dict[str, Any]]:
-        """METHODS §4 spectra of the variant's selected matrices (fp: W itself; else W′ against W) and their arrays."""
-        from spectral.report import FP, analyse_model
+        """METHODS §4 spectra of the variant's selected matrices (fp: W itself; else W′ against W) and their arrays.
 
-        edited = {} if p.edit is None else {p.variant: model}
-        report = analyse_model(self.model, edited, self.grid.layers, cache=self.svd_cache)
+        The products run on the grid's device and reuse the session's SVD cache; the matrices are handed over as
+        host copies because the report's arrays are host (numpy) arrays."""
+        from spectral.report import FP, MatrixInfo, analyse_matrices
+
+        self.fp_factors()  # σ(W) from W's factors: W is decomposed once, whichever run asks first
+        views = self.views()
+        matrices = {v.name: v.get().detach().cpu() for v in views}
+        info = {v.name: MatrixInfo(v.name, v.tower, v.kind, v.block, v.param.dtype) for v in views}
+        edited = {} if p.edit is None else {p.variant: {v.name: v.get().detach().cpu() for v in self.views(model)}}
+        report = analyse_matrices(matrices, edited, info=info, cache=self.svd_cache, device=self.grid.device)
         label = FP if p.edit is None else p.variant
         frame = report.frame[report.frame["variant"] == label].reset_index(drop=True)
         return frame, report.arrays.get(label, {})

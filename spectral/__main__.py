@@ -15,7 +15,7 @@ from typing import Sequence
 
 from eval.cli import ArgumentParser, add_model_args, check_device, cli_main
 from eval.errors import UserError
-from eval.folders import check_out, claim
+from eval.folders import check_out, claim, preflight, writable
 from spectral.selector import select
 from spectral.views import total_parameters, weight_views
 
@@ -61,6 +61,17 @@ def _check_dir_arg(path: str | None, flag: str) -> None:
         raise UserError(f"{flag} {path!r} exists and is not a directory")
 
 
+def _check_finite_views(model, layers: str | None) -> None:
+    """With --allow-nonfinite: a selected matrix holding NaN/inf has no SVD; name it (one line) before any work."""
+    import torch
+
+    for v in select(weight_views(model), layers):
+        w = v.get().detach()
+        if not bool(torch.isfinite(w).all()):
+            raise UserError(f"matrix {v.name} holds NaN or inf, so it has no spectrum (--allow-nonfinite); "
+                            "select other matrices with --layers, or fix the checkpoint")
+
+
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -68,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.list:
         if args.out is None:
             raise UserError("python -m spectral: --out DIR is required (or pass --list)")
-        check_out(args.out)
+        preflight(check_out(args.out), "python -m spectral", force=args.force)  # before the edits: no work lost
         _check_dir_arg(args.cache_dir, "--cache-dir")
         if args.seed < 0:
             raise UserError(f"--seed must be an integer >= 0, got {args.seed}")
@@ -78,7 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.compare and not args.list:
         from interventions.registry import parse_edit
 
-        edits = [parse_edit(spec) for spec in args.compare]
+        edits = []
+        for spec in args.compare:
+            try:
+                edits.append(parse_edit(spec))
+            except UserError as exc:
+                raise UserError(f"--compare {spec!r}: {exc}") from None
         labels = [str(e) for e in edits]
         dup = {x for x in labels if labels.count(x) > 1}
         if dup or "fp" in labels:
@@ -86,11 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"(got {', '.join(sorted(dup) or ['fp'])})")
     from eval.loading import load_model
 
-    loaded = load_model(args.model, args.pretrained, device=args.device)
+    loaded = load_model(args.model, args.pretrained, device=args.device, allow_nonfinite=args.allow_nonfinite)
     if args.list:
         print(list_views(loaded.model, args.layers))
         return 0
     select(weight_views(loaded.model), args.layers)  # a selector matching nothing fails here, before any output
+    if args.allow_nonfinite:
+        _check_finite_views(loaded.model, args.layers)
 
     import torch
     from tqdm import tqdm
@@ -110,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(report.summary(), file=sys.stderr)
             variants[report.variant] = {v.name: v.get().clone() for v in select(weight_views(edited), args.layers)}
             del edited
+    if args.cache_dir is not None:
+        writable(Path(args.cache_dir), "--cache-dir")  # before the manifest: a bad cache folder leaves --out as it was
     claim(Path(args.out), "python -m spectral", force=args.force)
     cache = SVDCache(args.cache_dir, device=args.device, max_bytes=1 << 30)
     n_views = len(select(weight_views(loaded.model), args.layers))

@@ -75,7 +75,7 @@ def compare_matrices(
     n_null: int = 4,
     n_null_svd: int = 1,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> Comparison:
     """Compare W with W′ (METHODS §4). Columns:
 
@@ -93,13 +93,16 @@ def compare_matrices(
     averaged over `n_null` Monte-Carlo draws; tail_gain_null_sd is that statistic's exact null standard
     deviation (it is linear in Gaussian N: Var g_i = Σ_r s_r² U_ri² / σ_i², independent across i), and
     tail_below_null = tail_gain < tail_gain_null − 2·tail_gain_null_sd.
+
+    Device: the float64 products run on `device` (default: W's device); the null draws come from a CPU generator
+    (the same numbers on any machine) and are moved there; the returned arrays are on the CPU (they are written).
     """
     if tuple(w.shape) != tuple(w_prime.shape):
         raise ValueError(f"{name or 'matrix'}: W is {tuple(w.shape)} but W′ is {tuple(w_prime.shape)}")
     if n_null < 0 or n_null_svd < 0:
         raise ValueError("n_null and n_null_svd must be >= 0")
     cache = DEFAULT_CACHE if cache is None else cache
-    dev = torch.device(device)
+    dev = w.device if device is None else torch.device(device)
     W = w.detach().to(device=dev, dtype=torch.float64)
     Wp = w_prime.detach().to(device=dev, dtype=torch.float64)
     m, n = W.shape

@@ -3,6 +3,8 @@
 W = U diag(σ) Vᵀ are the float64 factors of the full-precision matrix; W′ is any edited copy (Ŵ for a quantizer).
 An i with σ_i ≤ σ₁·max(m, n)·eps(float32) carries no gain: its g_i is NaN (excluded) and counted per decile.
 Deciles of i (1-based, i = 1 the largest σ): decile j holds the i with ⌊10(i−1)/r⌋ = j − 1.
+Device: g is computed in float64 where the factors live (the weight's device); only the ten decile summaries
+travel to the host, in one transfer.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def gain_tolerance(S: Float[Tensor, " r"], shape: tuple[int, int]) -> float:
 def gains_from_projections(
     d: Float[Tensor, " r"], S: Float[Tensor, " r"], shape: tuple[int, int]
 ) -> Float[Tensor, " r"]:
-    """g_i = d_i/σ_i, NaN where σ_i ≤ `gain_tolerance` (METHODS §3 b3, §4); d_i = u_iᵀW′v_i."""
+    """g_i = d_i/σ_i, NaN where σ_i ≤ `gain_tolerance` (METHODS §3 b3, §4); d_i = u_iᵀW′v_i; on d's device."""
     S = S.to(d.device)
     keep = S > gain_tolerance(S, shape)
     return torch.where(keep, d / torch.where(keep, S, torch.ones_like(S)), torch.full_like(d, math.nan))
@@ -55,8 +57,11 @@ def decile_index(r: int, device: torch.device | str | None = None) -> Int[Tensor
 
 
 def gain_deciles(g: Float[Tensor, " r"]) -> list[dict[str, Any]]:
-    """Per non-empty decile (METHODS §4): decile (0..9), gain = mean of the finite g_i, n used, n_excluded."""
-    g = g.detach()
+    """Per non-empty decile (METHODS §4): decile (0..9), gain = mean of the finite g_i, n used, n_excluded.
+
+    A report of r numbers: g is brought to the host once (one transfer instead of a synchronisation per decile).
+    """
+    g = g.detach().cpu()
     idx = decile_index(int(g.numel()), g.device)
     finite = torch.isfinite(g)
     out = []

@@ -168,7 +168,7 @@ def analyse_matrices(
                 ("spectrum_metrics", tensor_hash(s), shapes[name], meta.dtype, fit),
                 lambda s=s, name=name, meta=meta: spectrum_metrics(s, shapes[name], meta.dtype, fit=fit))
             rows[(FP, name)] = {"variant": FP, **base, **metrics}  # type: ignore[dict-item]
-            arrays[FP][f"sigma:{name}"] = s.numpy()
+            arrays[FP][f"sigma:{name}"] = s.cpu().numpy()
             for vname, vmats in variants.items():
                 wp = vmats.get(name, w)
                 cmp = compare_matrices(w, wp, name=name, cache=cache, factors=f, n_null=n_null,
@@ -176,9 +176,9 @@ def analyse_matrices(
                 dtype = wp.dtype if wp.dtype.is_floating_point else meta.dtype
                 rows[(vname, name)] = {"variant": vname, **base,
                                        **spectrum_metrics(cmp.sigma, shapes[name], dtype, fit=fit), **cmp.row}
-                arrays[vname][f"sigma:{name}"] = cmp.sigma.numpy()
-                arrays[vname][f"gain:{name}"] = cmp.gain.numpy()
-                arrays[vname][f"err_sigma:{name}"] = cmp.err_sigma.numpy()
+                arrays[vname][f"sigma:{name}"] = cmp.sigma.cpu().numpy()
+                arrays[vname][f"gain:{name}"] = cmp.gain.cpu().numpy()
+                arrays[vname][f"err_sigma:{name}"] = cmp.err_sigma.cpu().numpy()
             if progress is not None:
                 progress(1)
 

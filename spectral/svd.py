@@ -2,8 +2,12 @@
 
 `SVDCache` keeps factors (and singular-values-only results) in memory, optionally bounded (LRU) and optionally
 mirrored in an on-disk directory; `factors_many`/`values_many` batch same-shape matrices into one call; the
-decomposition runs on the cache's device. A convergence failure falls back along a chain of backends (another
-driver, CPU, a Gram-matrix eigensolver) with an `SVDFallbackWarning` instead of crashing.
+decomposition runs on the cache's device and its results stay there (float64, METHODS §4), handed back on the
+device of the matrix asked about. A convergence failure falls back along a chain of backends (another driver,
+CPU, a Gram-matrix eigensolver) with an `SVDFallbackWarning` instead of crashing.
+
+One SVD per matrix content: the key is the hash of the matrix's values, not of its storage dtype (`content_key`),
+so the float64 copy of a float32 weight (the gain profile) and the float32 weight itself (an edit) share one entry.
 """
 from __future__ import annotations
 
@@ -98,6 +102,27 @@ def default_backends(device: str | torch.device = "cpu") -> tuple[SVDBackend, ..
     return tuple(chain)
 
 
+def content_key(w: Tensor) -> str:
+    """The cache key of a matrix: a hash of its values, independent of the float dtype holding them.
+
+    A matrix whose values are exactly float32 numbers (any float16/bfloat16 matrix, a float64 copy of a float32
+    weight) is hashed as float32, so every exact copy of one weight maps to one entry and one decomposition.
+    """
+    w = w.detach()
+    if w.is_floating_point() and w.dtype != torch.float32:
+        w32 = w.to(torch.float32)
+        if w.dtype in (torch.float16, torch.bfloat16) or torch.equal(w32.to(w.dtype), w):
+            w = w32
+    return tensor_hash(w)
+
+
+def _on(f: SVDFactors, device: torch.device) -> SVDFactors:
+    """`f` on `device` (the same object when it is there already)."""
+    if f.S.device == device:
+        return f
+    return SVDFactors(f.U.to(device), f.S.to(device), f.Vh.to(device))
+
+
 def _check_finite(batch: Tensor) -> None:
     if not bool(torch.isfinite(batch).all()):
         raise ValueError(f"cannot take the SVD of a matrix with NaN/inf entries (shape {tuple(batch.shape[-2:])})")
@@ -107,7 +132,8 @@ class SVDCache:
     """Factors and singular values keyed by content hash; `hits`/`misses` count decompositions avoided/done.
 
     directory: optional on-disk mirror (one `.pt` file per entry, written atomically), shared across processes.
-    device: where decompositions run (results are returned on CPU, float64).
+    device: where decompositions run and results are kept (float64); each lookup returns them on the device of
+    the matrix it was given (no copy when that is the cache's device, as in a session: `SVDCache(device=…)`).
     max_bytes: optional bound on the in-memory store (least recently used entries are dropped first).
     batch_bytes: largest float64 stack handed to one batched call by `factors_many`/`values_many`.
     A small memo of derived results (`memo`) lets a repeated report skip recomputing metrics from σ.
@@ -147,8 +173,9 @@ class SVDCache:
         return self.values_many([w], store=store)[0]
 
     def factors_many(self, ws: Sequence[Tensor], *, store: bool = True) -> list[SVDFactors]:
-        """Factors of every matrix in `ws`; the uncached ones are decomposed in same-shape batches."""
-        keys = [tensor_hash(w) for w in ws]
+        """Factors of every matrix in `ws` (each on its matrix's device); the uncached ones are decomposed in
+        same-shape batches on the cache's device."""
+        keys = [content_key(w) for w in ws]
         found: dict[str, SVDFactors] = {}
         todo: dict[str, Tensor] = {}
         for key, w in zip(keys, ws):
@@ -165,11 +192,12 @@ class SVDCache:
             if store:
                 self._put(self._factors, key, f, f.nbytes)
                 self._save(key, "factors", {"U": U, "S": S, "Vh": Vh})
-        return [found[k] for k in keys]
+        return [_on(found[k], w.device) for k, w in zip(keys, ws)]
 
     def values_many(self, ws: Sequence[Tensor], *, store: bool = True) -> list[Tensor]:
-        """Singular values of every matrix in `ws` (float64, descending), batched like `factors_many`."""
-        keys = [tensor_hash(w) for w in ws]
+        """Singular values of every matrix in `ws` (float64, descending, on its matrix's device), batched like
+        `factors_many`."""
+        keys = [content_key(w) for w in ws]
         found: dict[str, Tensor] = {}
         todo: dict[str, Tensor] = {}
         for key, w in zip(keys, ws):
@@ -185,7 +213,7 @@ class SVDCache:
             if store:
                 self._put(self._values, key, S, S.numel() * S.element_size())
                 self._save(key, "values", {"S": S})
-        return [found[k] for k in keys]
+        return [found[k].to(w.device) for k, w in zip(keys, ws)]
 
     def memo(self, key: tuple, compute: Callable[[], object], max_items: int = 100_000) -> object:
         """A result derived from matrix content, computed once per `key` (callers put a content hash in it)."""
@@ -266,7 +294,7 @@ class SVDCache:
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location=self.device, weights_only=True)
         except Exception:  # a truncated or foreign file is a miss, recomputed and overwritten
             return None
 
@@ -274,7 +302,7 @@ class SVDCache:
         if self.directory is None:
             return
         path = self._path(key, kind)
-        atomic_write(path, lambda p: torch.save({k: v.contiguous() for k, v in tensors.items()}, p), fsync=False)
+        atomic_write(path, lambda p: torch.save({k: v.cpu().contiguous() for k, v in tensors.items()}, p), fsync=False)
 
     # ---- computation ------------------------------------------------------------------------------------
     def _compute(self, todo: dict[str, Tensor],
@@ -294,13 +322,14 @@ class SVDCache:
                     batch[j].copy_(todo[k].detach())
                 U, S, Vh = self._decompose(batch, vectors)
                 self.misses += len(chunk)
-                for j, key in enumerate(chunk):
-                    out[key] = (
-                        None if U is None else U[j].cpu().contiguous(),
-                        S[j].cpu().contiguous(),
-                        None if Vh is None else Vh[j].cpu().contiguous(),
-                    )
+                for j, key in enumerate(chunk):  # own storage per entry (an evicted entry frees its memory)
+                    out[key] = (None if U is None else self._own(U[j]), self._own(S[j]),
+                                None if Vh is None else self._own(Vh[j]))
         return out
+
+    def _own(self, t: Tensor) -> Tensor:
+        """A contiguous float64 copy on the cache's device (a fallback backend may have answered on the CPU)."""
+        return t.to(device=self.device, dtype=torch.float64, copy=True).contiguous()
 
     def _decompose(self, batch: Tensor, vectors: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
         _check_finite(batch)
@@ -324,12 +353,12 @@ DEFAULT_CACHE = SVDCache()
 
 
 def svd_factors(w: Float[Tensor, "m n"], cache: SVDCache | None = None) -> SVDFactors:
-    """Float64 thin SVD of `w`, computed once per distinct content per process (or per cache)."""
+    """Float64 thin SVD of `w` on w's device, computed once per distinct content per process (or per cache)."""
     return (DEFAULT_CACHE if cache is None else cache).factors(w)
 
 
 def singular_values(w: Float[Tensor, "m n"], cache: SVDCache | None = None) -> Float[Tensor, " r"]:
-    """Singular values only (float64, descending); uncached unless a cache is given."""
+    """Singular values only (float64, descending, on w's device); uncached unless a cache is given."""
     if cache is not None:
         return cache.values(w)
-    return DEFAULT_CACHE._decompose(w.detach().to(torch.float64).unsqueeze(0), False)[1][0].cpu()
+    return DEFAULT_CACHE._decompose(w.detach().to(torch.float64).unsqueeze(0), False)[1][0].to(w.device)

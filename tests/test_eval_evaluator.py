@@ -207,6 +207,34 @@ def test_metrics_csv_recomputable_from_samples(tiny_clip, tmp_path):
     assert "Δ v" in table and "idset [id] top1" in table
 
 
+def test_features_form_metrics_are_computed_from_what_is_stored(tiny_clip, tmp_path, monkeypatch):
+    """METHODS §8 with the features form (float16 features + class weights, issue 19): the files hold no logits,
+    every metric is recomputed exactly from them, and differs from the float32 logits only by the rounding."""
+    import eval.samples as SM
+
+    ref = make_eval(tiny_clip)  # auto: the logits form, smaller at K = 6
+    ref.run("fp", tiny_clip.model)
+    assert ref.outputs("fp")["idset"].form == "logits"
+    monkeypatch.setattr(SM, "STORE_FORM", "features")
+    ev = make_eval(tiny_clip, out_dir=tmp_path)
+    outs = ev.run("fp", tiny_clip.model)
+    z = np.load(tmp_path / "samples" / "fp" / "idset.npz")
+    assert "logits" not in z.files and "mcm_logits" not in z.files
+    assert z["features"].dtype == np.float16 and z["class_weights"].shape[0] == 6 and "mcm_weights" in z.files
+    w, s = z["class_weights"].astype(np.float64), float(z["logit_scale"])
+    np.testing.assert_allclose(outs["idset"].logits, s * z["features"].astype(np.float64) @ w.T, rtol=0, atol=1e-4)
+    csv = read_metrics(tmp_path)
+    keys = ["variant", "dataset", "role", "metric", "score", "severity"]
+    again = metrics_table(load_samples(tmp_path))
+    again["score"] = again["score"].where(again["score"].notna(), None)
+    merged = csv.fillna({"severity": -1, "score": ""}).merge(again.fillna({"severity": -1, "score": ""}), on=keys)
+    assert len(merged) == len(csv)
+    np.testing.assert_allclose(merged["value_x"], merged["value_y"], rtol=1e-12, atol=1e-12)
+    both = ref.metrics().merge(ev.metrics(), on=keys)
+    gap = np.abs(both["value_x"] - both["value_y"]).to_numpy()
+    assert len(both) == len(csv) and 0 < np.nanmax(gap) < 0.02  # float16 rounding of the features only
+
+
 def test_bad_configuration_is_a_user_error(tiny_clip):
     sets = synthetic_sets()
     with pytest.raises(UserError, match="unique"):

@@ -115,3 +115,38 @@ def test_resume_under_another_thread_count_warns(tmp_path, tiny_config_path, cap
     assert summary.ran == 0
     err = capsys.readouterr().err
     assert "2 finished run(s)" in err and "[1] thread(s) and this process uses 2" in err
+
+
+def test_preflight_refuses_what_claim_would_and_writes_nothing(tmp_path):
+    from eval.folders import preflight
+
+    new = tmp_path / "a" / "b" / "out"
+    preflight(new, "python -m spectral")  # a new folder under a writable one: fine, and nothing is created
+    assert not (tmp_path / "a").exists() and list(tmp_path.iterdir()) == []
+    claim(tmp_path / "lr", "python -m interventions.lowrank")
+    (tmp_path / "lr" / "metrics.csv").write_text("x")
+    with pytest.raises(UserError, match="holds results of python -m interventions.lowrank"):
+        preflight(tmp_path / "lr", "python -m spectral")
+    with pytest.raises(UserError, match="cannot write to --out '/proc/clip-spectral-probe/x'"):
+        preflight(Path("/proc/clip-spectral-probe/x"), "python -m spectral")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="Not a directory"):
+        preflight(tmp_path / "file" / "x", "python -m spectral")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "lr"]
+
+
+def test_resuming_into_a_folder_that_became_read_only_is_one_line(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True, capture_output=True,
+                       timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here (needs root with mount permission): {exc}")
+    try:
+        claim(mnt / "out", "python -m eval")
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True, timeout=30)
+        with pytest.raises(UserError, match="cannot write to --out .*Read-only file system"):
+            claim(mnt / "out", "python -m eval")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)

@@ -15,6 +15,7 @@ All simulations are seeded, so the tests are deterministic.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import stats as sps
 
 from eval import stats as S
@@ -59,8 +60,10 @@ def test_bootstrap_ci_covers_true_accuracy_difference():
     assert abs(z_reject.mean() - power) <= 3 * np.sqrt(power * (1 - power) / sims), (z_reject.mean(), power)
 
 
-def test_stratified_bootstrap_ci_covers_true_auroc_difference():
-    """ID ~ N(1, 1), OOD ~ N(0, 1); the variant adds N(0, τ²) noise: AUROC = Φ(μ / sqrt(2(1 + τ²)))."""
+@pytest.mark.parametrize("metric", ["auroc", S.AUROC_DELONG], ids=["exact", "delong-projection"])
+def test_stratified_bootstrap_ci_covers_true_auroc_difference(metric):
+    """ID ~ N(1, 1), OOD ~ N(0, 1); the variant adds N(0, τ²) noise: AUROC = Φ(μ / sqrt(2(1 + τ²))). The exact AUROC
+    and the ablation's DeLong projection (`eval.stats.delong`) both cover at 95 % within 92–98 %."""
     rng = np.random.default_rng(7)
     mu, tau, m = 1.0, 0.8, 150
     true = sps.norm.cdf(mu / np.sqrt(2 * (1 + tau**2))) - sps.norm.cdf(mu / np.sqrt(2))
@@ -69,9 +72,23 @@ def test_stratified_bootstrap_ci_covers_true_auroc_difference():
     for s in range(sims):
         base = rng.standard_normal(2 * m) + mu * is_id
         noisy = base + tau * rng.standard_normal(2 * m)
-        res = S.paired_bootstrap("auroc", (base, is_id), (noisy, is_id), B=1000, strata=is_id, seed=s)
+        res = S.paired_bootstrap(metric, (base, is_id), (noisy, is_id), B=1000, strata=is_id, seed=s)
         covered += res.ci_lo <= true <= res.ci_hi
     assert 0.92 <= covered / sims <= 0.98, covered / sims
+
+
+def test_delong_projection_bootstrap_size_under_null():
+    """Exchangeable variants (same score law): the bootstrap p of the DeLong projection rejects 5 ± 1.5 % at
+    α = 0.05 over 1000 simulations (binomial SE 0.69 pp)."""
+    rng = np.random.default_rng(17)
+    m = 120
+    is_id = np.r_[np.ones(m, bool), np.zeros(m, bool)]
+    sims, rejects = 1000, 0
+    for s in range(sims):
+        shared = rng.standard_normal(2 * m) + 0.8 * is_id
+        fp, v = shared + 0.7 * rng.standard_normal(2 * m), shared + 0.7 * rng.standard_normal(2 * m)
+        rejects += S.paired_bootstrap(S.AUROC_DELONG, (fp, is_id), (v, is_id), B=500, strata=is_id, seed=s).p <= 0.05
+    assert 0.035 <= rejects / sims <= 0.065, rejects / sims
 
 
 def test_permutation_test_size_under_null():

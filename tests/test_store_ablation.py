@@ -231,6 +231,34 @@ def test_ablation_end_to_end(tmp_path, tiny_config_path, image_suite, pinned, ca
     assert "no edit and no forward pass" in capsys.readouterr().out
     assert (out / "comparisons.csv").read_bytes() == before
 
+    # --stats-only: the same records from the stored runs alone (no model given, nothing run) ...
+    runs_before = sorted(p.name for p in (out / "runs").iterdir())
+    assert A.main(["--stats-only", "--out", str(out), "--B", "300"]) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == runs_before
+    assert (out / "comparisons.csv").read_bytes() == before
+    # ... and with another B, stats seed and score set: same point values and exact tests, new resamples
+    assert A.main(["--stats-only", "--out", str(out), "--B", "400", "--stats-seed", "3", "--scores", "energy"]) == 0
+    again = pd.read_csv(out / "comparisons.csv")
+    assert (again["B"] == 400).all() and set(again["score"].dropna()) == {"energy"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["B"], cfg["stats_seed"], cfg["scores"], cfg["quant"]) == (400, 3, ["energy"], "int4-ch")
+    keys = ["dataset", "metric", "variant"]
+    lab = comp[comp["metric"].isin(["top1", "ece", "nll"])].merge(again, on=keys, suffixes=("", "_2"))
+    assert len(lab) == len(comp[comp["metric"].isin(["top1", "ece", "nll"])])
+    np.testing.assert_allclose(lab["value_v"], lab["value_v_2"], rtol=0, atol=1e-12)
+    mc = lab[lab["test"].str.startswith("mcnemar")]
+    assert len(mc) and np.allclose(mc["p"], mc["p_2"]) and not np.allclose(lab["ci_lo"], lab["ci_lo_2"])
+    capsys.readouterr()
+
+
+def test_stats_only_needs_a_finished_ablation(tmp_path, capsys):
+    for folder in (tmp_path / "missing", tmp_path / "empty"):
+        if folder.name == "empty":
+            folder.mkdir()
+        assert A.main(["--stats-only", "--out", str(folder)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds no finished ablation" in err[0], err
+
 
 def test_ablation_bad_input_writes_nothing(tmp_path, tiny_config_path, capsys):
     out = tmp_path / "o"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from jaxtyping import Float
 
+from eval.stats.engine import resample_many
 from eval.stats.resample import (
     ALPHA,
     DEFAULT_B,
@@ -20,7 +21,6 @@ from eval.stats.resample import (
     as_runs,
     percentile_ci,
     point_value,
-    resample_many,
 )
 
 # --------------------------------------------------------------------------------------------- multiplicity

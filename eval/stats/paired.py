@@ -1,14 +1,14 @@
 """Paired tests of a variant against full precision (METHODS §6): the paired and hierarchical bootstrap records,
-the paired permutation test, McNemar for accuracy and DeLong for AUROC."""
+the paired permutation test and McNemar for accuracy (DeLong for AUROC: `eval.stats.delong`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from jaxtyping import Bool, Float, Shaped
-from scipy import stats as sps
+from jaxtyping import Shaped
 
+from eval.stats.engine import resample_many
 from eval.stats.resample import (
     ALPHA,
     CHUNK,
@@ -26,7 +26,6 @@ from eval.stats.resample import (
     bootstrap_p,
     percentile_ci,
     point_value,
-    resample_many,
 )
 
 
@@ -167,59 +166,3 @@ def mcnemar_test(correct_fp: Shaped[np.ndarray, " n"], correct_v: Shaped[np.ndar
         return McNemarResult(b, c, 0.0, 1.0, exact)
     res = mcnemar(table, exact=exact, correction=True)
     return McNemarResult(b, c, float(res.statistic), float(res.pvalue), exact)
-
-
-# --------------------------------------------------------------------------------------------- DeLong
-@dataclass(frozen=True)
-class DeLongResult:
-    auc_fp: float
-    auc_v: float
-    diff: float
-    se: float
-    z: float
-    p: float
-    ci_lo: float
-    ci_hi: float
-
-
-def _midrank_components(scores: Float[np.ndarray, "k n"],
-                        pos: Bool[np.ndarray, " n"]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fast DeLong structural components (Sun & Xu 2014) from mid-ranks: AUCs, V10 (k×m) and V01 (k×n)."""
-    x, y = scores[:, pos], scores[:, ~pos]
-    m, n = x.shape[1], y.shape[1]
-    tx = sps.rankdata(x, axis=1, method="average")
-    ty = sps.rankdata(y, axis=1, method="average")
-    tz = sps.rankdata(np.concatenate([x, y], axis=1), axis=1, method="average")
-    aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
-    v10 = (tz[:, :m] - tx) / n
-    v01 = 1.0 - (tz[:, m:] - ty) / m
-    return aucs, v10, v01
-
-
-def delong_covariance(scores: Float[np.ndarray, "k n"],
-                      is_pos: Shaped[np.ndarray, " n"]) -> tuple[np.ndarray, np.ndarray]:
-    """AUCs of k paired score vectors and their k×k DeLong covariance (positives = ID)."""
-    pos = np.asarray(is_pos).astype(bool)
-    m, n = int(pos.sum()), int((~pos).sum())
-    if m < 2 or n < 2:
-        raise ValueError(f"DeLong needs at least 2 positives and 2 negatives, got {m} and {n}")
-    aucs, v10, v01 = _midrank_components(np.atleast_2d(np.asarray(scores, dtype=np.float64)), pos)
-    cov = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
-    return aucs, cov
-
-
-def delong_test(score_fp: Float[np.ndarray, " n"], score_v: Float[np.ndarray, " n"], is_pos: Shaped[np.ndarray, " n"],
-                *, alpha: float = ALPHA) -> DeLongResult:
-    """Paired DeLong test of AUROC(v) − AUROC(FP) on the same samples; normal CI and two-sided p."""
-    aucs, cov = delong_covariance(np.stack([np.asarray(score_fp), np.asarray(score_v)]).astype(np.float64), is_pos)
-    diff = float(aucs[1] - aucs[0])
-    var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
-    se = float(np.sqrt(max(var, 0.0)))
-    if se == 0.0:
-        z, p = (0.0, 1.0) if diff == 0 else (float(np.sign(diff) * np.inf), 0.0)
-    else:
-        z = diff / se
-        p = float(2 * sps.norm.sf(abs(z)))
-    q = sps.norm.ppf(1 - alpha / 2)
-    return DeLongResult(float(aucs[0]), float(aucs[1]), diff, se, float(z), p,
-                        float(diff - q * se), float(diff + q * se))

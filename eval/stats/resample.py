@@ -1,5 +1,11 @@
-"""Resampling: metrics on per-sample arrays evaluated for blocks of bootstrap resamples, the shared stratified
-resample plan, percentile CIs and bootstrap p-values (METHODS §6)."""
+"""Resampling: metrics on per-sample arrays evaluated for blocks of bootstrap resamples from their count matrices,
+the shared stratified resample plan, percentile CIs and bootstrap p-values (METHODS §6).
+
+A resample of n samples is a count matrix row: c_i = how often sample i was drawn. Metrics that are sums over
+samples (mean, ECE's bin sums, the DeLong projection of AUROC, WGA's group sums) declare `columns`, the per-sample
+matrix X with sums = C·X, so `eval.stats.engine` evaluates every variant and endpoint of a plan with one matrix
+product per stratum and block of resamples; the others (exact AUROC, FPR95) read the counts directly.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
@@ -10,16 +16,17 @@ import numpy as np
 from jaxtyping import Float, Int
 
 from eval.metrics.calibration import N_BINS, ece_bin_index
-from eval.metrics.ood import auroc_counts, auroc_state, fpr95_counts, fpr95_state
+from eval.metrics.ood import FPR95State, auroc_counts, auroc_state, fpr95_counts, fpr95_state
 
 Outputs = tuple[np.ndarray, ...]
 RunLike = Union[np.ndarray, Outputs, Sequence[Outputs], Sequence[np.ndarray]]
 
-CHUNK = 256  # resamples per index block: fixed, so results never depend on memory settings
+CHUNK = 256  # resamples per block: fixed, so results never depend on memory settings
 DEFAULT_B = 2000
 HEADLINE_B = 10_000
 DEFAULT_R = 10_000
 ALPHA = 0.05
+FLAT_BINCOUNT = 1 << 16  # strata up to this size are counted with one bincount per block, larger ones per row
 
 # TOST equivalence margins in metric units (fractions, not percentage points), METHODS §6.
 TOST_MARGINS: dict[str, float] = {
@@ -30,31 +37,91 @@ TOST_MARGINS: dict[str, float] = {
 }
 
 
-# --------------------------------------------------------------------------------------------- metrics
-class Chunk:
-    """A block of b resamples of n samples: the index matrix and (computed on demand) the count matrix."""
+# --------------------------------------------------------------------------------------------- blocks of resamples
+def _row_counts(draws: Int[np.ndarray, "b k"], size: int, out: np.ndarray) -> None:
+    """out[r, j] = #{draws[r] == j}: one flat bincount for small blocks, else one cache-friendly bincount per row."""
+    b = draws.shape[0]
+    if b * size <= FLAT_BINCOUNT * 16:
+        flat = (draws + size * np.arange(b, dtype=np.int64)[:, None]).ravel()
+        out[...] = np.bincount(flat, minlength=b * size).reshape(b, size)
+    else:
+        for r in range(b):
+            out[r] = np.bincount(draws[r], minlength=size)
 
-    def __init__(self, idx: Int[np.ndarray, "b k"], size: int | None = None) -> None:
-        self.idx = idx
-        self.size = idx.shape[1] if size is None else size  # number of source samples the indices point into
-        self._counts: np.ndarray | None = None
+
+class Chunk:
+    """A block of b resamples: the count matrix (b × size, float64, ready for BLAS) and the index matrix.
+
+    `Chunk(idx, size)`: from indices into `size` source samples (counts on demand). `Chunk.of_strata`: from draws
+    within strata (counts filled stratum by stratum; indices on demand), what `ResamplePlan.chunks` yields.
+    """
+
+    def __init__(self, idx: Int[np.ndarray, "b k"] | None, size: int | None = None, *,
+                 counts: np.ndarray | None = None,
+                 parts: Sequence[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        self._idx = idx
+        self._parts = parts
+        if idx is not None:
+            self.b, self.draws = idx.shape
+            self.size = self.draws if size is None else int(size)
+        else:
+            assert counts is not None and parts is not None
+            self.b, self.size = counts.shape
+            self.draws = sum(p.shape[1] for _, p in parts)
+        self._counts = counts
+        self._counts_t: np.ndarray | None = None
+
+    @classmethod
+    def of_strata(cls, parts: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> "Chunk":
+        """parts: (sample positions of a stratum, draws b × size within it); counts[:, pos[j]] = #{draws == j}."""
+        b = parts[0][1].shape[0]
+        counts = np.empty((b, n), dtype=np.float64)
+        for pos, draws in parts:
+            lo = int(pos[0]) if len(pos) else 0
+            if len(pos) and pos[-1] - lo == len(pos) - 1:  # a contiguous stratum: fill the view in place
+                _row_counts(draws, len(pos), counts[:, lo:lo + len(pos)])
+            else:
+                tmp = np.empty((b, len(pos)))
+                _row_counts(draws, len(pos), tmp)
+                counts[:, pos] = tmp
+        return cls(None, counts=counts, parts=parts)
+
+    @property
+    def idx(self) -> Int[np.ndarray, "b k"]:
+        """The resampled sample positions (strata side by side: every metric is a function of the resampled set)."""
+        if self._idx is None:
+            assert self._parts is not None
+            self._idx = np.concatenate([pos[d] for pos, d in self._parts], axis=1)
+        return self._idx
 
     @property
     def counts(self) -> Float[np.ndarray, "b size"]:
-        """How often each source sample occurs in each resample (float, ready for BLAS)."""
+        """How often each source sample occurs in each resample."""
         if self._counts is None:
-            b, m = self.idx.shape[0], self.size
-            flat = (self.idx + m * np.arange(b)[:, None]).ravel()
-            self._counts = np.bincount(flat, minlength=b * m).reshape(b, m).astype(np.float64)
+            self._counts = np.empty((self.b, self.size), dtype=np.float64)
+            _row_counts(self.idx, self.size, self._counts)
         return self._counts
 
+    @property
+    def counts_t(self) -> Float[np.ndarray, "size b"]:
+        """The count matrix transposed (sample-major, contiguous), for gathers of a few samples' counts."""
+        if self._counts_t is None:
+            self._counts_t = np.ascontiguousarray(self.counts.T)
+        return self._counts_t
 
+    def take(self, cols: Int[np.ndarray, " k"]) -> Float[np.ndarray, "b k"]:
+        """Counts of some source samples only (rows of the sample-major copy: cache-friendly)."""
+        return self.counts_t[cols].T
+
+
+# --------------------------------------------------------------------------------------------- metrics
 class Metric:
     """A metric on per-sample arrays, evaluated for a block of resamples at once.
 
     `Metric(name, fn)`: fn takes the arrays gathered to (b, n, …) and returns (b,) values.
     `Metric.scalar(name, fn)`: fn takes one run's (n, …) arrays and returns a float (looped: slower, any metric).
-    Fast built-ins override `prepare` (per-sample precomputation, once per run) and `values` (from a `Chunk`).
+    Fast built-ins override `prepare` (per-sample precomputation, once per run), `columns` (the count-linear part:
+    sums = counts · X) and `values` (from a `Chunk` and those sums).
     """
 
     def __init__(self, name: str, fn: Callable[..., np.ndarray] | None = None, *, batched: bool = True) -> None:
@@ -69,36 +136,53 @@ class Metric:
     def prepare(self, *arrays: np.ndarray) -> tuple:
         return tuple(np.asarray(a) for a in arrays)
 
-    def values(self, chunk: Chunk, state: tuple) -> Float[np.ndarray, " b"]:
+    def columns(self, state: tuple) -> Float[np.ndarray, "n c"] | None:
+        """Per-sample columns X whose count-weighted sums C·X `values` needs (None: it reads the counts itself)."""
+        return None
+
+    def _sums(self, chunk: Chunk, state: tuple, sums: np.ndarray | None) -> np.ndarray:
+        if sums is not None:
+            return sums
+        cols = self.columns(state)
+        assert cols is not None
+        return chunk.counts @ cols
+
+    def values(self, chunk: Chunk, state: tuple, sums: np.ndarray | None = None) -> Float[np.ndarray, " b"]:
         assert self._fn is not None
         if self.batched:
             return np.asarray(self._fn(*(a[chunk.idx] for a in state)), dtype=np.float64).reshape(-1)
         return np.array([float(self._fn(*(a[row] for a in state))) for row in chunk.idx], dtype=np.float64)
 
+    def point(self, state: tuple, n: int) -> float:
+        """The metric on the full arrays (every sample once) from a prepared state of n samples."""
+        return float(self.values(Chunk(np.arange(n)[None]), state)[0])
+
     def __call__(self, *arrays: np.ndarray) -> float:
         """The metric on one run's full arrays (n, …)."""
-        n = np.asarray(arrays[0]).shape[0]
-        return float(self.values(Chunk(np.arange(n)[None]), self.prepare(*arrays))[0])
+        return self.point(self.prepare(*arrays), np.asarray(arrays[0]).shape[0])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
 
 class _MeanMetric(Metric):
-    """Mean of a per-sample quantity (accuracy from 0/1 correctness, NLL, Brier, …)."""
+    """Mean of a per-sample quantity (accuracy from 0/1 correctness, NLL, Brier, …): Σ c_i x_i / Σ c_i."""
 
     def prepare(self, x: np.ndarray) -> tuple:
         x = np.asarray(x, dtype=np.float64)
         return (x.reshape(x.shape[0], -1).mean(axis=1),)
 
-    def values(self, chunk: Chunk, state: tuple) -> Float[np.ndarray, " b"]:
-        return state[0][chunk.idx].mean(axis=1)
+    def columns(self, state: tuple) -> np.ndarray:
+        return state[0][:, None]
+
+    def values(self, chunk: Chunk, state: tuple, sums: np.ndarray | None = None) -> Float[np.ndarray, " b"]:
+        return self._sums(chunk, state, sums)[:, 0] / chunk.draws
 
 
 class _ECEMetric(Metric):
     """Equal-width L1 ECE with 15 bins b = min(⌊15·c⌋, 14) (`ece_bin_index`), METHODS §5.
 
-    Per resample ECE = Σ_k |Σ_{i∈k} c_i (conf_i − correct_i)| / n, so one weighted bincount suffices.
+    Per resample ECE = Σ_k |Σ_{i∈k} c_i (conf_i − correct_i)| / n: the bin sums are C·X with X one-hot by bin.
     """
 
     def __init__(self, name: str = "ece", n_bins: int = N_BINS) -> None:
@@ -109,12 +193,14 @@ class _ECEMetric(Metric):
         conf = np.asarray(conf, dtype=np.float64)
         return ece_bin_index(conf, self.n_bins), conf - np.asarray(correct, dtype=np.float64)
 
-    def values(self, chunk: Chunk, state: tuple) -> Float[np.ndarray, " b"]:
+    def columns(self, state: tuple) -> np.ndarray:
         bins, gap = state
-        b, n = chunk.idx.shape
-        flat = (bins[chunk.idx] + self.n_bins * np.arange(b)[:, None]).ravel()
-        sums = np.bincount(flat, weights=gap[chunk.idx].ravel(), minlength=b * self.n_bins)
-        return np.abs(sums.reshape(b, self.n_bins)).sum(axis=1) / n
+        x = np.zeros((len(gap), self.n_bins))
+        x[np.arange(len(gap)), bins] = gap
+        return x
+
+    def values(self, chunk: Chunk, state: tuple, sums: np.ndarray | None = None) -> Float[np.ndarray, " b"]:
+        return np.abs(self._sums(chunk, state, sums)).sum(axis=1) / chunk.draws
 
 
 class _AUROCMetric(Metric):
@@ -123,18 +209,71 @@ class _AUROCMetric(Metric):
     def prepare(self, score: np.ndarray, is_pos: np.ndarray) -> tuple:
         return auroc_state(score, is_pos)
 
-    def values(self, chunk: Chunk, state: tuple) -> Float[np.ndarray, " b"]:
+    def values(self, chunk: Chunk, state: tuple, sums: np.ndarray | None = None) -> Float[np.ndarray, " b"]:
         return auroc_counts(state, chunk.counts)
 
 
 class _FPR95Metric(Metric):
-    """FPR@95%TPR (METHODS §5): `eval.metrics.ood.fpr95_counts` on the count matrix."""
+    """FPR@95%TPR (METHODS §5): `eval.metrics.ood.fpr95_counts`, exact, on a window of the sorted scores.
+
+    The threshold is the 5th percentile of the resampled ID scores: with ℓ = ⌊0.05·(m − 1)⌋ its two order statistics
+    lie in positions [w_lo, w_hi) of the sorted ID scores whenever at most ℓ draws fall below w_lo and more than
+    ℓ + 1 below w_hi (w_lo, w_hi are Z = 6 binomial SDs from ℓ). Every sample outside the window is merged into four
+    aggregates whose counts are count-linear (`columns`): ID below and above the window, OOD below its lowest score
+    (never counted) and at or above its highest (always counted); `fpr95_counts` then runs on the window alone, and
+    rows where the condition fails (checked exactly from the same sums) are recomputed on the full state.
+    """
+
+    Z = 6.0
 
     def prepare(self, score: np.ndarray, is_pos: np.ndarray) -> tuple:
-        return fpr95_state(score, is_pos)
+        st = fpr95_state(score, is_pos)
+        m, n = len(st.pos), len(st.neg)
+        lo = int(np.floor((m - 1) * 0.05)) if m else 0
+        w_lo = max(0, int(lo - self.Z * np.sqrt(lo + 1)) - 1)
+        w_hi = min(m, int(lo + 2 + self.Z * np.sqrt(lo + 1)) + 2)
+        if m < 2 or 2 * (w_hi - w_lo) >= m:
+            return st, None
+        s_lo, s_hi = st.s_pos[w_lo], st.s_pos[w_hi - 1]
+        below, above = st.s_neg < s_lo, st.s_neg >= s_hi
+        mid = ~(below | above)
+        if 2 * (w_hi - w_lo + int(mid.sum())) >= m + n:
+            return st, None
+        cols = np.concatenate([st.pos[w_lo:w_hi], st.neg[mid]])
+        w = w_hi - w_lo
+        red = FPR95State(np.arange(w + 2), np.r_[s_lo, st.s_pos[w_lo:w_hi], s_hi],
+                         w + 2 + np.arange(int(mid.sum()) + 2), np.r_[st.s_neg[mid], np.inf, -np.inf])
+        # the count-linear aggregates' members: [ID, ID below w_lo, OOD, OOD below w_lo's score]
+        members = (st.pos, st.pos[:w_lo], st.neg, st.neg[below])
+        return st, (cols, red, (len(score), members), w, lo)
 
-    def values(self, chunk: Chunk, state: tuple) -> Float[np.ndarray, " b"]:
-        return fpr95_counts(state, chunk.counts)
+    def columns(self, state: tuple) -> np.ndarray | None:
+        if state[1] is None:
+            return None
+        n, members = state[1][2]
+        ind = np.zeros((n, len(members)))
+        for c, rows in enumerate(members):
+            ind[rows, c] = 1.0
+        return ind
+
+    def values(self, chunk: Chunk, state: tuple, sums: np.ndarray | None = None) -> Float[np.ndarray, " b"]:
+        full, win = state
+        if win is None:
+            return fpr95_counts(full, chunk.counts)
+        cols, red, _, w, _ = win
+        s = self._sums(chunk, state, sums)
+        c = chunk.take(cols)
+        n_id, id_lo, n_ood, ood_lo = s[:, 0], s[:, 1], s[:, 2], s[:, 3]
+        id_win = c[:, :w].sum(axis=1)
+        ood_win = c[:, w:].sum(axis=1)
+        rc = np.concatenate([id_lo[:, None], c[:, :w], (n_id - id_lo - id_win)[:, None], c[:, w:],
+                             (n_ood - ood_lo - ood_win)[:, None], ood_lo[:, None]], axis=1)
+        out = fpr95_counts(red, rc)
+        lo = np.floor((n_id - 1) * (5.0 / 100))  # the window condition, exactly as fpr95_counts indexes the ID list
+        bad = np.flatnonzero((id_lo > lo) | (id_lo + id_win <= lo + 1))
+        if len(bad):
+            out[bad] = fpr95_counts(full, chunk.counts[bad])
+        return out
 
 
 MEAN = _MeanMetric("mean")
@@ -145,7 +284,7 @@ BUILTIN_METRICS: dict[str, Metric] = {m.name: m for m in (MEAN, ECE, AUROC, FPR9
 
 
 def as_metric(metric: Metric | Callable[..., float] | str) -> Metric:
-    """A `Metric` from a Metric, a builtin name (`mean`, `ece`, `auroc`, `fpr95`) or a scalar callable."""
+    """A `Metric` from a Metric, a builtin name (`mean`, `ece`, `auroc`, `fpr95`, `auroc_delong`) or a callable."""
     if isinstance(metric, Metric):
         return metric
     if isinstance(metric, str):
@@ -155,7 +294,7 @@ def as_metric(metric: Metric | Callable[..., float] | str) -> Metric:
     return Metric.scalar(getattr(metric, "__name__", "metric"), metric)
 
 
-# --------------------------------------------------------------------------------------------- resampling
+# --------------------------------------------------------------------------------------------- per-seed outputs
 def _as_outputs(x: np.ndarray | Sequence[np.ndarray]) -> Outputs:
     return (np.asarray(x),) if isinstance(x, np.ndarray) else tuple(np.asarray(a) for a in x)
 
@@ -179,48 +318,58 @@ def _n_samples(runs: list[Outputs]) -> int:
     return ns.pop()
 
 
+# --------------------------------------------------------------------------------------------- the plan
 @dataclass(frozen=True, eq=False)
 class ResamplePlan:
-    """B bootstrap resamples of n paired samples, stratified, deterministic in `seed` (shared by all variants)."""
+    """B bootstrap resamples of n paired samples, stratified, deterministic in `seed` (shared by all variants).
+
+    Stratum s (the s-th smallest strata value) of block c is drawn from its own stream [seed, 0xB007, c, s], so a
+    stratum's draws depend only on (seed, c, s, its size): two plans that share a stratum share its resamples.
+    """
 
     n: int
     B: int = DEFAULT_B
     strata: np.ndarray | None = None
     seed: int = 0
-    _order: np.ndarray | None = field(init=False, repr=False)
+    _order: np.ndarray = field(init=False, repr=False)
     _bounds: tuple[tuple[int, int], ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.B < 1:
             raise ValueError(f"need n >= 1 and B >= 1, got n={self.n}, B={self.B}")
         if self.strata is None:
-            order, bounds = None, ((0, self.n),)
+            order, bounds = np.arange(self.n), ((0, self.n),)
         else:
             s = np.asarray(self.strata)
             if s.shape != (self.n,):
                 raise ValueError(f"strata must have shape ({self.n},), got {s.shape}")
-            order = np.argsort(s, kind="stable")  # each stratum becomes one contiguous block of columns
+            order = np.argsort(s, kind="stable")  # each stratum becomes one contiguous block of positions
             _, starts = np.unique(s[order], return_index=True)
             ends = np.append(starts[1:], self.n)
             bounds = tuple((int(a), int(b)) for a, b in zip(starts, ends))
         object.__setattr__(self, "_order", order)
         object.__setattr__(self, "_bounds", bounds)
 
-    def chunks(self) -> Iterator[Int[np.ndarray, "b n"]]:
-        """Index matrices (≤ CHUNK rows each); each stratum's block of columns is resampled within the stratum.
+    @property
+    def strata_positions(self) -> list[np.ndarray]:
+        """The sample positions of each stratum, in stratum order."""
+        return [self._order[lo:hi] for lo, hi in self._bounds]
 
-        Columns are grouped by stratum, not in sample order: every metric is a function of the resampled set.
-        """
+    def blocks(self) -> Iterator[Chunk]:
+        """Blocks of ≤ CHUNK resamples; each stratum is resampled within itself (int32 draws, per-stratum stream)."""
+        strata = self.strata_positions
         for c, start in enumerate(range(0, self.B, CHUNK)):
             b = min(CHUNK, self.B - start)
-            rng = np.random.default_rng([self.seed, 0xB007, c])
-            if self._order is None:
-                yield rng.integers(0, self.n, size=(b, self.n))
-                continue
-            idx = np.empty((b, self.n), dtype=np.int64)
-            for lo, hi in self._bounds:
-                idx[:, lo:hi] = self._order[lo + rng.integers(0, hi - lo, size=(b, hi - lo))]
-            yield idx
+            parts = [(pos, np.random.default_rng([self.seed, 0xB007, c, s]).integers(0, len(pos), size=(b, len(pos)),
+                                                                                       dtype=np.int32))
+                     for s, pos in enumerate(strata)]
+            yield Chunk.of_strata(parts, self.n)
+
+    def chunks(self) -> Iterator[Int[np.ndarray, "b n"]]:
+        """The index matrices of `blocks` (the documented resampling contract, e.g. to recompute a CI by hand);
+        columns are grouped by stratum, not in sample order: every metric is a function of the resampled set."""
+        for chunk in self.blocks():
+            yield chunk.idx
 
     def seed_draws(self, n_seeds: int) -> Int[np.ndarray, "B s"]:
         """Seed indices per resample for the hierarchical bootstrap (all zeros for one seed)."""
@@ -228,33 +377,6 @@ class ResamplePlan:
             return np.zeros((self.B, 1), dtype=np.int64)
         rng = np.random.default_rng([self.seed, 0x5EED, n_seeds])
         return rng.integers(0, n_seeds, size=(self.B, n_seeds))
-
-
-def resample_many(metric: Metric, variants: Sequence[list[Outputs]], plan: ResamplePlan) -> list[np.ndarray]:
-    """M on each of the plan's resamples for several variants at once (one index matrix per block, shared).
-
-    For a variant with several seeds the value is the mean over resampled seeds of M on the resampled images.
-    """
-    states = [[metric.prepare(*run) for run in runs] for runs in variants]
-    per_seed = [np.empty((len(runs), plan.B)) for runs in variants]
-    start = 0
-    for idx in plan.chunks():
-        chunk = Chunk(idx)
-        stop = start + idx.shape[0]
-        for vals, sts in zip(per_seed, states):
-            for s, st in enumerate(sts):
-                vals[s, start:stop] = metric.values(chunk, st)
-        start = stop
-    out = []
-    for vals in per_seed:
-        draws = plan.seed_draws(vals.shape[0])
-        out.append(np.take_along_axis(vals.T, draws, axis=1).mean(axis=1))
-    return out
-
-
-def resample_values(metric: Metric, runs: list[Outputs], plan: ResamplePlan) -> Float[np.ndarray, " B"]:
-    """M on each resample of one (possibly multi-seed) variant."""
-    return resample_many(metric, [runs], plan)[0]
 
 
 def point_value(metric: Metric, runs: list[Outputs]) -> tuple[float, np.ndarray]:

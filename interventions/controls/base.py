@@ -70,7 +70,14 @@ def parse_float(text: str | float | None, what: str, *, lo: float = -math.inf, h
                 lo_open: bool = False, hi_open: bool = False) -> float:
     """A finite float in the stated interval, or a one-line UserError naming the value and the range."""
     lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-    allowed = f"a number in {lb}{lo:g}, {hi:g}{rb}"
+    if math.isinf(lo) and math.isinf(hi):
+        allowed = "a finite number"
+    elif math.isinf(hi):
+        allowed = f"a finite number {'>' if lo_open else '>='} {lo:g}"
+    elif math.isinf(lo):
+        allowed = f"a finite number {'<' if hi_open else '<='} {hi:g}"
+    else:
+        allowed = f"a number in {lb}{lo:g}, {hi:g}{rb}"
     try:
         v = float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -82,9 +89,10 @@ def parse_float(text: str | float | None, what: str, *, lo: float = -math.inf, h
 
 
 def parse_int(text: str | int, what: str, *, lo: int = 1) -> int:
+    """An integer >= lo, or a one-line UserError naming the value and the bound."""
     try:
         v = int(str(text))
-    except ValueError:
+    except (TypeError, ValueError):
         raise UserError(f"{what} must be an integer >= {lo}, got {text!r}") from None
     if v < lo:
         raise UserError(f"{what} must be an integer >= {lo}, got {text!r}")
@@ -163,8 +171,11 @@ class Control(Edit):
 
 
 def reconstruct(u: Float[Tensor, "m r"], s: Float[Tensor, " r"], vh: Float[Tensor, "r n"]) -> Float[Tensor, "m n"]:
-    """U diag(s) Vh in float64, returned as float32; zero singular values are skipped (cheap low rank)."""
-    k = int((s != 0).nonzero().max().item()) + 1 if bool((s != 0).any()) else 0
+    """U diag(s) Vh in float64 on U's device (the weight's: the SVD cache answers there), returned as float32;
+    trailing zero singular values are skipped (cheap low rank). METHODS preamble: edits in float32, SVDs in float64."""
+    s = s.to(device=u.device, dtype=torch.float64)
+    nz = (s != 0).nonzero()
+    k = int(nz.max().item()) + 1 if nz.numel() else 0
     if k == 0:
         return torch.zeros(u.shape[0], vh.shape[1], dtype=torch.float32, device=u.device)
-    return ((u[:, :k] * s[:k]) @ vh[:k]).to(torch.float32)
+    return ((u[:, :k] * s[:k]) @ vh[:k].to(u.device)).to(torch.float32)

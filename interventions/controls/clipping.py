@@ -47,7 +47,7 @@ class Round(Control):
     family: ClassVar[str] = "round"
 
     def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Edited:
-        return Edited(minmax_variant(ref.quant).quantize(w)[0].to(torch.float32))  # type: ignore[attr-defined]
+        return Edited(ctx.quantized(minmax_variant(ref.quant), w)[0].to(torch.float32).clone())
 
 
 @dataclass(frozen=True)

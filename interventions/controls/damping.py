@@ -103,6 +103,7 @@ class Damping(Control):
     at: float | None = None  # ρ of tail scaling
 
     family: ClassVar[str] = "damping"
+    needs_svd: ClassVar[bool] = True
     report_fields: ClassVar[tuple[str, ...]] = ("gain_mean", "gain_head", "gain_tail", "gain_min", "tail_start")
 
     def __post_init__(self) -> None:

@@ -70,6 +70,7 @@ class LowRank(Control):
 
     family: ClassVar[str] = "lowrank"
     needs_quant: ClassVar[bool] = False
+    needs_svd: ClassVar[bool] = True
     # k, k/r; fixed k: the energy kept Σ_{i≤k}σ_i²/Σσ_i²; matched k (M1/M2): the error at k − 1 (how close rank gets)
     report_fields: ClassVar[tuple[str, ...]] = ("rank", "rank_frac", "energy_kept", "match_achieved_rank_minus_1")
 
@@ -138,11 +139,13 @@ def _parse(spec: str) -> LowRank:
 
 def lowrank_reconstruct(w: Float[Tensor, "out in"], f: SVDFactors, k: int) -> Float[Tensor, "out in"]:
     """W_k from cached float64 factors: U_k Σ_k V_kᵀ, or W − (the discarded tail) when k > r/2 (cheaper; exact for
-    k = r). The product is formed in float32, the precision every edit is written in (METHODS preamble)."""
+    k = r). The product is formed in float32 on W's device, the precision every edit is written in (METHODS
+    preamble); the result is float32 on W's device whatever device the factors came from."""
     r = f.S.numel()
+    w32 = w.to(torch.float32)
     if k >= r:
-        return w.to(torch.float32).clone()
+        return w32.clone()
     part = slice(0, k) if k <= r - k else slice(k, r)
-    us = (f.U[:, part] * f.S[part]).to(torch.float32)
-    prod = us @ f.Vh[part].to(torch.float32)
-    return prod if k <= r - k else w.to(torch.float32) - prod.to(w.device)
+    us = (f.U[:, part] * f.S[part]).to(device=w.device, dtype=torch.float32)
+    prod = us @ f.Vh[part].to(device=w.device, dtype=torch.float32)
+    return prod if k <= r - k else w32 - prod

@@ -12,6 +12,9 @@ Specs (`noise:KIND[,key=value]`):
 The overall scale k is matched to Q (`match=`; closed form for fro/output, where N is linear in k; bisection
 for stable-rank). c2–c4 preserve ‖E‖_F by construction, so under M1 they are used as they are (k = 1).
 `scale=K` fixes k instead (k = 0 returns W). Report fields: the match fields, and `quantizer_variant` for c5.
+
+Device: every random number is drawn by the CPU generator of (matrix name, seed), exactly as on any machine
+(same bytes), then moved to the weight's device, where all the arithmetic (QR included) runs.
 """
 from __future__ import annotations
 
@@ -36,28 +39,35 @@ DISTS = ("gauss", "uniform")
 EXACT_NORM = ("c2", "c3", "c4")  # ‖N‖_F = ‖E‖_F by construction
 
 
-def unit_noise(shape: tuple[int, int], gen: torch.Generator, dist: str) -> Float[Tensor, "out in"]:
-    """iid unit-variance noise: Gaussian, or uniform on (−√3, √3)."""
+def unit_noise(shape: tuple[int, int], gen: torch.Generator, dist: str,
+               device: torch.device | str = "cpu") -> Float[Tensor, "out in"]:
+    """iid unit-variance noise: Gaussian, or uniform on (−√3, √3); drawn by `gen` (CPU), returned on `device`."""
     if dist == "gauss":
-        return torch.randn(shape, generator=gen, dtype=torch.float32)
-    return (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * math.sqrt(3.0)
+        z = torch.randn(shape, generator=gen, dtype=torch.float32)
+    else:
+        z = (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * math.sqrt(3.0)
+    return z.to(device)
 
 
 def sign_flip(e: Float[Tensor, "out in"], gen: torch.Generator) -> Float[Tensor, "out in"]:
-    """S∘E with S_ij = ±1 (c2): keeps |E| exactly."""
+    """S∘E with S_ij = ±1 (c2): keeps |E| exactly; on E's device."""
     s = torch.randint(0, 2, e.shape, generator=gen).to(e.dtype) * 2 - 1
-    return e.cpu() * s
+    return e * s.to(e.device)
 
 
 def row_permute(e: Float[Tensor, "out in"], gen: torch.Generator) -> Float[Tensor, "out in"]:
-    """Each row of E independently permuted (c3): keeps every row's multiset of values."""
+    """Each row of E independently permuted (c3): keeps every row's multiset of values; on E's device."""
     perm = torch.argsort(torch.rand(e.shape, generator=gen), dim=1)
-    return torch.gather(e.cpu(), 1, perm)
+    return torch.gather(e, 1, perm.to(e.device))
 
 
-def haar_orthonormal(n: int, k: int, gen: torch.Generator) -> Float[Tensor, "n k"]:
-    """n×k matrix with orthonormal columns, Haar distributed (QR of a Gaussian with R's signs fixed), float64."""
-    z = torch.randn(n, k, generator=gen, dtype=torch.float64)
+def haar_orthonormal(n: int, k: int, gen: torch.Generator,
+                     device: torch.device | str = "cpu") -> Float[Tensor, "n k"]:
+    """n×k matrix with orthonormal columns, Haar distributed (QR of a Gaussian with R's signs fixed), float64.
+
+    The Gaussian is drawn by `gen` (CPU, the same numbers on every machine); the QR runs on `device`.
+    """
+    z = torch.randn(n, k, generator=gen, dtype=torch.float64).to(device)
     q, r = torch.linalg.qr(z)
     d = torch.sign(torch.diagonal(r))
     d[d == 0] = 1
@@ -65,12 +75,12 @@ def haar_orthonormal(n: int, k: int, gen: torch.Generator) -> Float[Tensor, "n k
 
 
 def haar_spectrum(s: Float[Tensor, " r"], shape: tuple[int, int], gen: torch.Generator) -> Float[Tensor, "out in"]:
-    """Q₁ diag(s) Q₂ᵀ with Haar Q₁ (m×r), Q₂ (n×r) (c4): singular values exactly s."""
+    """Q₁ diag(s) Q₂ᵀ with Haar Q₁ (m×r), Q₂ (n×r) (c4): singular values exactly s; float32 on s's device."""
     m, n = shape
     r = s.numel()
-    q1 = haar_orthonormal(m, r, gen)
-    q2 = haar_orthonormal(n, r, gen)
-    return ((q1 * s.to(torch.float64).cpu()) @ q2.T).to(torch.float32)
+    q1 = haar_orthonormal(m, r, gen, s.device)
+    q2 = haar_orthonormal(n, r, gen, s.device)
+    return ((q1 * s.to(torch.float64)) @ q2.T).to(torch.float32)
 
 
 def dither(w: Float[Tensor, "out in"], ref: QuantRef, gen: torch.Generator) -> Float[Tensor, "out in"]:
@@ -137,16 +147,16 @@ class Noise(Control):
         e = ref.e
         if self.kind in ("c1", "c1-group"):
             s = row_scales(e, self.group_size if self.kind == "c1-group" else None)
-            return s * unit_noise(tuple(e.shape), gen, self.dist).to(e.device)
+            return s * unit_noise(tuple(e.shape), gen, self.dist, e.device)
         if self.kind == "c1-rel":
-            z = unit_noise(tuple(e.shape), gen, self.dist).to(e.device)
+            z = unit_noise(tuple(e.shape), gen, self.dist, e.device)
             k = frob(e) / max(frob(w), 1e-30)  # E‖k|W|z‖² = ‖E‖²
             return k * w.abs() * z
         if self.kind == "c2":
-            return sign_flip(e, gen).to(e.device)
+            return sign_flip(e, gen)
         if self.kind == "c3":
-            return row_permute(e, gen).to(e.device)
-        return haar_spectrum(ctx.svd(e).S, tuple(e.shape), gen).to(e.device)  # c4
+            return row_permute(e, gen)
+        return haar_spectrum(ctx.svd(e).S, tuple(e.shape), gen)  # c4: σ(E) on E's device
 
     def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Edited:
         if self.kind == "c5":

@@ -22,7 +22,7 @@ from interventions.registry import Edited, MatrixContext, register_edit
 
 
 def random_projection(w: Float[Tensor, "out in"], p: Float[Tensor, "in k"]) -> Float[Tensor, "out in"]:
-    """W P Pᵀ (float64 math)."""
+    """W P Pᵀ (float64 math on W's device), float32."""
     w64 = w.to(torch.float64)
     p = p.to(device=w.device, dtype=torch.float64)
     return ((w64 @ p) @ p.T).to(torch.float32)
@@ -35,6 +35,7 @@ class RandomProjection(Control):
 
     family: ClassVar[str] = "randproj"
     needs_quant: ClassVar[bool] = False
+    needs_svd: ClassVar[bool] = True  # the matched k is (a)'s
     stochastic: ClassVar[bool] = True
     report_fields: ClassVar[tuple[str, ...]] = ("rank", "rank_frac")
 
@@ -65,7 +66,7 @@ class RandomProjection(Control):
             k = min(self.rank, r)
         else:
             k = int(matched_rank(self.criterion, ctx.svd(w), ref, ctx).value)  # k from (a)
-        p = haar_orthonormal(w.shape[1], k, ctx.generator(salt="randproj"))
+        p = haar_orthonormal(w.shape[1], k, ctx.generator(salt="randproj"), w.device)
         return Edited(random_projection(w, p), {"rank": k, "rank_frac": k / r})
 
 

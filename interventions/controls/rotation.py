@@ -41,12 +41,13 @@ def random_hadamard(n: int, gen: torch.Generator) -> Float[Tensor, "n n"]:
     return signs[:, None] * torch.kron(h, qb)
 
 
-def rotation(n: int, kind: str, gen: torch.Generator) -> Float[Tensor, "n n"]:
+def rotation(n: int, kind: str, gen: torch.Generator, device: torch.device | str = "cpu") -> Float[Tensor, "n n"]:
+    """An n×n orthogonal R (float64 on `device`); its random numbers come from the CPU generator `gen`."""
     if kind == "identity":
-        return torch.eye(n, dtype=torch.float64)
+        return torch.eye(n, dtype=torch.float64, device=device)
     if kind == "haar":
-        return haar_orthonormal(n, n, gen)
-    return random_hadamard(n, gen)
+        return haar_orthonormal(n, n, gen, device)
+    return random_hadamard(n, gen).to(device)
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,9 @@ class RotQuant(Control):
     def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Edited:
         gen = ctx.generator(salt=f"rotquant:{self.rot}")
         m, n = w.shape
-        r1 = rotation(m, self.rot, gen).to(device=w.device, dtype=torch.float32)
-        r2 = rotation(n, self.rot, gen).to(device=w.device, dtype=torch.float32)
-        q, _ = ref.quant.quantize(r1 @ w @ r2)  # type: ignore[attr-defined]
+        r1 = rotation(m, self.rot, gen, w.device).to(torch.float32)
+        r2 = rotation(n, self.rot, gen, w.device).to(torch.float32)
+        q, _ = ref.quant.quantize(r1 @ w @ r2)  # type: ignore[attr-defined]  # a new matrix per seed: not cached
         return Edited(r1.T @ q.to(torch.float32) @ r2.T)
 
 

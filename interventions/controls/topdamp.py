@@ -26,6 +26,7 @@ class TopDamp(Control):
 
     family: ClassVar[str] = "topdamp"
     needs_quant: ClassVar[bool] = False
+    needs_svd: ClassVar[bool] = True
     report_fields: ClassVar[tuple[str, ...]] = ("top_k",)  # k = ⌈ρ·r⌉ damped values
 
     def __post_init__(self) -> None:

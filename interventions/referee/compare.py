@@ -1,8 +1,15 @@
-"""Paired comparisons of every variant against full precision on one endpoint (METHODS §6 records), and the
-multiplicity correction: Holm over the pre-registered headline hypotheses, Benjamini–Hochberg elsewhere."""
+"""Paired comparisons of every variant against full precision (METHODS §6 records), all endpoints at once, and the
+multiplicity correction: Holm over the pre-registered headline hypotheses, Benjamini–Hochberg elsewhere.
+
+Streamed: each run's per-sample statistics are computed once per dataset from its files (`persample`), only for
+the datasets the endpoints read, and only those N-vectors are kept. One resample plan covers every endpoint:
+its strata are the datasets (the ID reference first), so an ID endpoint's resamples are those of the ID set and
+an OOD endpoint's those of the ID set and its OOD set (stratified, METHODS §6), shared by every variant and
+endpoint; `eval.stats.resample_jobs` evaluates all (variant, seed, endpoint) jobs on the same blocks.
+"""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,25 +17,32 @@ import numpy as np
 import pandas as pd
 
 from eval import stats as S
-from interventions.referee.endpoints import METRIC_OBJECTS, Endpoint, endpoint_arrays, temperature_of
+from interventions.referee.endpoints import METRIC_OBJECTS, Endpoint, endpoint_arrays, needs_of
+from interventions.referee.persample import LABELLED_STATS, RunSamples, sample_stats
 
 COLUMNS = ["model", "dataset", "metric", "score", "severity", "variant", "family", "quant", "match", "seeds",
            "coverage", "delta_median", "delta_max", "n", "value_fp", "value_v", "diff", "ci_lo", "ci_hi", "test",
            "statistic", "p", "p_adj", "family_id", "effect_size", "repro_ratio", "repro_lo", "repro_hi", "tost"]
 EXTRA_COLUMNS = ["control", "role", "b", "c", "seed_sd", "adj_method", "tost_p", "B"]
 PRIMARY = "primary"
+Stats = dict[str, dict[str, np.ndarray]]  # dataset key -> per-sample statistic -> vector
 
 
 @dataclass
 class Group:
-    """One compared variant: FP, the quantizer, or a control family (one output dict per seed)."""
+    """One compared variant: FP, the quantizer, or a control family (one run per seed: a `RunSamples`, or a
+    {dataset key: SampleOutputs} mapping held in memory)."""
 
     control: str  # "fp", "quant", or a control item such as "noise:c1" or "temperature"
     spec: str
     family: str
     match: str | None
-    seeds: list[Mapping[str, Any]] = field(default_factory=list)  # [{dataset key: SampleOutputs}]
+    seeds: list[Any] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+
+    def runs(self) -> list[RunSamples]:
+        return [s if isinstance(s, RunSamples) else RunSamples.from_outputs(f"{self.spec}#{i}", s)
+                for i, s in enumerate(self.seeds)]
 
 
 def _effect(metric: str, v: float, fp: float) -> float:
@@ -52,43 +66,128 @@ def _test(ep: Endpoint, fp_arrays: tuple[np.ndarray, ...], v_arrays: tuple[np.nd
     return "bootstrap", float("nan"), p_boot, None, None
 
 
-def compare_endpoint(ep: Endpoint, groups: Sequence[Group], *, B: int, seed: int, model: str,
-                     edit_stats: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
-    """Records of METHODS §6 for one endpoint: every non-FP group against FP on shared (stratified) resamples."""
-    metric = METRIC_OBJECTS[ep.metric]
-    runs = [[endpoint_arrays(ep, outs, temperature_of(outs) if ep.metric == "ece_ts" else None) for outs in g.seeds]
-            for g in groups]
-    n = runs[0][0][0].shape[0]
-    strata = runs[0][0][1] if ep.metric in ("auroc", "fpr95") else None
-    values = S.resample_many(metric, runs, S.ResamplePlan(n=n, B=B, strata=strata, seed=seed))
-    points = [S.point_value(metric, r) for r in runs]
-    fp_val = points[0][0]
+def run_stats(run: RunSamples, needs: Mapping[str, set[str]], threads: int | None = None) -> Stats:
+    """The per-sample statistics one run's endpoints need, each file read once and dropped."""
+    temp = run.fitted_temperature() if any("conf_ts" in n for n in needs.values()) else None
+    out: Stats = {}
+    for key, need in needs.items():
+        o = run.load(key)
+        out[key] = sample_stats(o, need, temp, threads)
+        o.release()
+    return out
+
+
+def _universe(eps: Sequence[Endpoint], fp: Stats) -> tuple[dict[tuple[str, str], tuple[int, int]], np.ndarray]:
+    """The plan's strata: one block of samples per (dataset key, labelled|all), the ID reference first; a dataset
+    whose rows are all labelled is one block. Returns {block: (start, stop)} and the strata labels."""
+    sizes: dict[tuple[str, str], int] = {}
+    for ep in eps:
+        if ep.metric in ("auroc", "fpr95"):
+            for key in (str(ep.ood_ref), ep.key):
+                sizes[(key, "all")] = len(fp[key][str(ep.score)])
+        else:
+            st = fp[ep.key]
+            sizes[(ep.key, "lab")] = len(st[next(s for s in LABELLED_STATS if s in st)])
+    for (key, kind), n in list(sizes.items()):
+        if kind == "lab" and sizes.get((key, "all")) == n:  # every row labelled: the same samples
+            del sizes[(key, kind)]
+    ref = next((ep.ood_ref for ep in eps if ep.ood_ref), None) or next((ep.key for ep in eps if ep.role == "id"),
+                                                                       eps[0].key)
+    order = sorted(sizes, key=lambda b: (b[0] != ref, b[1] != "lab"))  # stable: the ID reference's block first
+    bounds, start = {}, 0
+    for b in order:
+        bounds[b] = (start, start + sizes[b])
+        start += sizes[b]
+    strata = np.concatenate([np.full(sizes[b], i) for i, b in enumerate(order)]) if order else np.zeros(0, int)
+    return bounds, strata
+
+
+def _rows_of(ep: Endpoint, bounds: Mapping[tuple[str, str], tuple[int, int]]) -> np.ndarray:
+    def block(key: str, kind: str) -> np.ndarray:
+        lo, hi = bounds.get((key, kind)) or bounds[(key, "all")]
+        return np.arange(lo, hi)
+
+    if ep.metric in ("auroc", "fpr95"):
+        return np.concatenate([block(str(ep.ood_ref), "all"), block(ep.key, "all")])
+    return block(ep.key, "lab")
+
+
+def compare_endpoints(eps: Sequence[Endpoint], groups: Sequence[Group], *, B: int, seed: int, model: str,
+                      edit_stats: Mapping[str, Mapping[str, float]], threads: int | None = None,
+                      progress: Callable[[str, int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Records of METHODS §6 for every endpoint: every non-FP group against FP on shared (stratified) resamples.
+
+    `progress(phase, done, total)` reports the per-sample phase (runs) and the resampling phase (resamples).
+    """
+    if not eps:
+        return []
+    needs = needs_of(eps)
+    runs = [g.runs() for g in groups]
+    total = sum(len(r) for r in runs)
+    stats: list[list[Stats]] = []
+    for g_runs in runs:
+        stats.append([])
+        for run in g_runs:
+            stats[-1].append(run_stats(run, needs, threads))
+            if progress is not None:
+                progress("samples", sum(len(s) for s in stats), total)
+    bounds, strata = _universe(eps, stats[0][0])
+    plan = S.ResamplePlan(n=len(strata), B=B, strata=strata, seed=seed)
+    arrays = [[[endpoint_arrays(ep, st) for st in g_stats] for g_stats in stats] for ep in eps]
+    jobs = [S.Job(METRIC_OBJECTS[ep.metric], arrays[e][i], _rows_of(ep, bounds))
+            for e, ep in enumerate(eps) for i in range(len(groups))]
+    done = [0]
+
+    def tick(b: int) -> None:
+        done[0] += b
+        if progress is not None:
+            progress("resamples", done[0], B)
+
+    res = S.resample_jobs(jobs, plan, progress=tick)
     qi = next(i for i, g in enumerate(groups) if g.control == "quant")
-    quant = S.paired_result(ep.metric, n, fp_val, points[qi][1], values[qi] - values[0])
-    rows = []
+    rows: list[dict[str, Any]] = []
+    for e, ep in enumerate(eps):
+        r = res[e * len(groups):(e + 1) * len(groups)]
+        rows += _records(ep, groups, r, arrays[e], qi, B=B, model=model, edit_stats=edit_stats)
+    return rows
+
+
+def _records(ep: Endpoint, groups: Sequence[Group], res: Sequence[S.Resampled], arrays: list, qi: int, *, B: int,
+             model: str, edit_stats: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
+    """One endpoint's records from its jobs' resampled values (group order: FP first)."""
+    n = len(arrays[0][0][0])
+    fp_val = float(res[0].points.mean())
+    quant = S.paired_result(ep.metric, n, fp_val, res[qi].points, res[qi].samples - res[0].samples)
+    out = []
     for i, g in enumerate(groups[1:], start=1):
-        res = S.paired_result(ep.metric, n, fp_val, points[i][1], values[i] - values[0])
-        test, stat, p, b, c = _test(ep, runs[0][0], runs[i][0], len(g.seeds), res.p)
+        pr = S.paired_result(ep.metric, n, fp_val, res[i].points, res[i].samples - res[0].samples)
+        test, stat, p, b, c = _test(ep, arrays[0][0], arrays[i][0], len(g.seeds), pr.p)
         margin = S.tost_margin(ep.metric)
-        tost = S.tost(res.samples, margin) if margin else None
-        ratio = (S.ratio_result(quant.diff, res.diff, quant.samples, res.samples) if g.control != "quant"
+        tost = S.tost(pr.samples, margin) if margin else None
+        ratio = (S.ratio_result(quant.diff, pr.diff, quant.samples, pr.samples) if g.control != "quant"
                  else S.RatioResult(float("nan"), float("nan"), float("nan"), quant.excludes_zero))
         es = edit_stats.get(g.spec, {})
-        rows.append({
+        out.append({
             "model": model, "dataset": ep.dataset, "metric": ep.metric, "score": ep.score or "",
             "severity": np.nan if ep.severity is None else ep.severity, "variant": g.spec, "family": g.family,
             "quant": groups[qi].spec, "match": g.match or "", "seeds": len(g.seeds),
             "coverage": es.get("coverage", np.nan),
             "delta_median": es.get("delta_median", np.nan), "delta_max": es.get("delta_max", np.nan), "n": n,
-            "value_fp": fp_val, "value_v": res.value_v, "diff": res.diff, "ci_lo": res.ci_lo, "ci_hi": res.ci_hi,
+            "value_fp": fp_val, "value_v": pr.value_v, "diff": pr.diff, "ci_lo": pr.ci_lo, "ci_hi": pr.ci_hi,
             "test": test, "statistic": stat, "p": p, "p_adj": np.nan, "family_id": ep.family_id,
-            "effect_size": _effect(ep.metric, res.value_v, fp_val),
+            "effect_size": _effect(ep.metric, pr.value_v, fp_val),
             "repro_ratio": ratio.ratio, "repro_lo": ratio.lo, "repro_hi": ratio.hi,
             "tost": "" if tost is None else tost.verdict,
-            "control": g.control, "role": ep.role, "b": b, "c": c, "seed_sd": res.seed_sd,
+            "control": g.control, "role": ep.role, "b": b, "c": c, "seed_sd": pr.seed_sd,
             "adj_method": "", "tost_p": np.nan if tost is None else tost.p, "B": B,
         })
-    return rows
+    return out
+
+
+def compare_endpoint(ep: Endpoint, groups: Sequence[Group], *, B: int, seed: int, model: str,
+                     edit_stats: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
+    """Records of METHODS §6 for one endpoint (`compare_endpoints` with one endpoint)."""
+    return compare_endpoints([ep], groups, B=B, seed=seed, model=model, edit_stats=edit_stats)
 
 
 def adjust(frame: pd.DataFrame, headline: Sequence[tuple[str, str, str]]) -> pd.DataFrame:

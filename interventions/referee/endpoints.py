@@ -1,5 +1,6 @@
-"""Endpoints: one (dataset, metric[, score][, severity]) compared across variants, and the per-sample arrays each
-metric is computed from (METHODS §5 definitions via `eval.metrics`, resampled by `eval.stats`)."""
+"""Endpoints: one (dataset, metric[, score][, severity]) compared across variants, the per-sample statistics each
+reads (`needs_of`), and the arrays its metric is computed from (`endpoint_arrays`; METHODS §5 definitions via
+`eval.metrics` in `persample`, resampled by `eval.stats`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -9,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from eval import stats as S
-from eval.metrics.classification import brier_per_sample, confidences, correctness, nll_per_sample, top_k_correct
 
 
 @dataclass(frozen=True)
@@ -34,23 +34,38 @@ class Endpoint:
         return ":".join(parts)
 
 
-def _wga(correct: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Worst-group accuracy per resample row (groups absent from a resample are ignored)."""
-    b = correct.shape[0]
-    g = groups.astype(np.int64)
-    k = int(g.max()) + 1
-    flat = (g + k * np.arange(b)[:, None]).ravel()
-    hits = np.bincount(flat, weights=correct.ravel(), minlength=b * k).reshape(b, k)
-    counts = np.bincount(flat, minlength=b * k).reshape(b, k)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        acc = np.where(counts > 0, hits / np.maximum(counts, 1), np.inf)
-    return acc.min(axis=1)
+class _WGAMetric(S.Metric):
+    """Worst-group accuracy per resample, min_g Σ_{i∈g} c_i·correct_i / Σ_{i∈g} c_i, from count-linear group sums
+    (groups absent from a resample are ignored)."""
+
+    def prepare(self, correct: np.ndarray, groups: np.ndarray) -> tuple:
+        g = np.asarray(groups, dtype=np.int64)
+        return np.asarray(correct, dtype=np.float64), g, int(g.max()) + 1 if len(g) else 1
+
+    def columns(self, state: tuple) -> np.ndarray:
+        correct, g, k = state
+        x = np.zeros((len(g), 2 * k))
+        x[np.arange(len(g)), g] = correct
+        x[np.arange(len(g)), k + g] = 1.0
+        return x
+
+    def values(self, chunk: S.Chunk, state: tuple, sums: np.ndarray | None = None) -> np.ndarray:
+        k = state[2]
+        s = self._sums(chunk, state, sums)
+        hits, counts = s[:, :k], s[:, k:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(counts > 0, hits / np.maximum(counts, 1), np.inf).min(axis=1)
 
 
-WGA = S.Metric("wga", _wga)
+WGA = _WGAMetric("wga")
+# AUROC is resampled through its DeLong projection (eval.stats.delong; its test is DeLong's), FPR95 exactly
 METRIC_OBJECTS: dict[str, S.Metric] = {"top1": S.MEAN, "top5": S.MEAN, "nll": S.MEAN, "brier": S.MEAN, "ece": S.ECE,
-                                       "ece_ts": S.ECE, "auroc": S.AUROC, "fpr95": S.FPR95, "wga": WGA}
+                                       "ece_ts": S.ECE, "auroc": S.AUROC_DELONG, "fpr95": S.FPR95, "wga": WGA}
 LABELLED_METRICS = ("top1", "ece", "nll", "brier")
+# the per-sample statistics (interventions.referee.persample) each labelled metric is computed from
+STATS_OF: dict[str, tuple[str, ...]] = {"top1": ("correct",), "top5": ("top5",), "ece": ("conf", "correct"),
+                                       "ece_ts": ("conf_ts", "correct"), "wga": ("correct",), "nll": ("nll",),
+                                       "brier": ("brier",)}
 
 
 def temperature_of(outs: Mapping[str, Any]) -> float | None:
@@ -60,33 +75,30 @@ def temperature_of(outs: Mapping[str, Any]) -> float | None:
     return fitted_temperature(list(outs.values()))[1]
 
 
-def endpoint_arrays(ep: Endpoint, outs: Mapping[str, Any], temperature: float | None) -> tuple[np.ndarray, ...]:
-    """The per-sample arrays of one variant-seed for an endpoint (what the metric is computed from)."""
-    from eval.metrics.ood import ood_scores
+def needs_of(eps: Sequence[Endpoint]) -> dict[str, set[str]]:
+    """{dataset key: the per-sample statistics the endpoints read from it}."""
+    needs: dict[str, set[str]] = {}
+    for ep in eps:
+        if ep.metric in ("auroc", "fpr95"):
+            for key in (ep.ood_ref, ep.key):
+                needs.setdefault(str(key), set()).add(str(ep.score))
+        else:
+            needs.setdefault(ep.key, set()).update(STATS_OF[ep.metric])
+    return needs
 
+
+def endpoint_arrays(ep: Endpoint, stats: Mapping[str, Mapping[str, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """The per-sample arrays of one variant-seed for an endpoint (what the metric is computed from), from that
+    run's per-sample statistics by dataset key (`persample.sample_stats`)."""
     if ep.metric in ("auroc", "fpr95"):
-        ref, ood = outs[ep.ood_ref], outs[ep.key]
-        s_id = ood_scores(ref.masked_logits(), ref.logit_scale, ref.mcm_logits)[ep.score]
-        s_ood = ood_scores(ood.masked_logits(), ood.logit_scale, ood.mcm_logits)[ep.score]
+        s_id, s_ood = stats[str(ep.ood_ref)][str(ep.score)], stats[ep.key][str(ep.score)]
         return np.concatenate([s_id, s_ood]), np.r_[np.ones(len(s_id), bool), np.zeros(len(s_ood), bool)]
-    o = outs[ep.key]
-    keep = o.labelled
-    z, y = o.masked_logits()[keep], o.labels[keep]
-    if ep.metric == "ece_ts":
-        z = np.asarray(z, dtype=np.float64) / float(temperature)
-    if ep.metric in ("ece", "ece_ts"):
-        return confidences(z), correctness(z, y).astype(np.float64)
-    if ep.metric == "top1":
-        return (correctness(z, y).astype(np.float64),)
-    if ep.metric == "top5":
-        return (top_k_correct(z, y, min(5, z.shape[1])).astype(np.float64),)
+    st = stats[ep.key]
     if ep.metric == "wga":
-        return correctness(z, y).astype(np.float64), o.groups[keep]
-    if ep.metric == "nll":
-        return (nll_per_sample(z, y),)
-    if ep.metric == "brier":
-        return (brier_per_sample(z, y),)
-    raise ValueError(f"no per-sample arrays for metric {ep.metric!r}")
+        return st["correct"], st["groups"]
+    if ep.metric not in STATS_OF:
+        raise ValueError(f"no per-sample arrays for metric {ep.metric!r}")
+    return tuple(st[name] for name in STATS_OF[ep.metric])
 
 
 def endpoints_of(outs: Mapping[str, Any], scores: Sequence[str], has_calibration: bool) -> list[Endpoint]:
@@ -98,7 +110,7 @@ def endpoints_of(outs: Mapping[str, Any], scores: Sequence[str], has_calibration
         if o.severity is None and o.role in ("id", "shift", "spurious"):
             for m in LABELLED_METRICS + (("ece_ts",) if has_calibration else ()):
                 eps.append(Endpoint(o.dataset, o.role, m, None, None, o.key))
-            if o.role == "spurious" and o.groups is not None:
+            if o.role == "spurious" and o.has_groups:
                 eps.append(Endpoint(o.dataset, o.role, "wga", None, None, o.key))
         elif o.severity is None and o.role == "ood" and id_ref is not None:
             for s in scores:
