@@ -32,6 +32,7 @@ from eval.cli import ArgumentParser, add_model_args, check_device, cli_main
 from eval.errors import UserError
 from eval.folders import check_out, claim
 from eval.version import code_version, set_code_version
+from interventions.backends import add_backend_args, backend_from_args, failed_line
 from interventions.cli import add_eval_options, eval_options
 from interventions.grid import ALL_CONTROLS, MATCH_CRITERIA, Grid, control_spec, parse_seeds
 from interventions.referee.compare import COLUMNS, EXTRA_COLUMNS, Group, adjust, compare_endpoints
@@ -150,7 +151,9 @@ def _parser() -> ArgumentParser:
     ap.add_argument("--stats-seed", type=int, default=0, help="seed of the bootstrap resamples (>= 0)")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"results folder; re-running resumes (default {DEFAULT_OUT})")
     ap.add_argument("--shard", default=None,
-                    help="i/n: run only this share of the variants (statistics once all are done)")
+                    help="i/n: run only this share of the variants (statistics once all are done); auto: from the "
+                         "SLURM array / SLURM_PROCID / RANK environment")
+    add_backend_args(ap)
     ap.add_argument("--code-version", default=None, help="pin the code version recorded in run keys")
     ap.add_argument("--force", action="store_true", help="write into a non-empty --out that another command made")
     ap.add_argument("--stats-only", action="store_true",
@@ -301,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stats_only:
         return stats_only(args, argv, t0)
     shard = Shard.parse(args.shard)
+    backend = backend_from_args(args)
     out = check_out(args.out)
     if args.code_version is not None:
         set_code_version(args.code_version)
@@ -315,11 +319,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(need an id/shift/spurious set or OOD sets with an ID set)")
 
     # ---- run (resumable, shardable)
-    summary = run_plan(session, out, shard, planned=planned, progress=progress,
+    summary = run_plan(session, out, shard, planned=planned, progress=progress, backend=backend,
                        claim=lambda: claim(out, "python -m interventions.ablation", force=args.force))
     print(summary.line(shard))
     store = ResultsStore(out)
     missing = [t.key for t in planned if not store.is_done(t.key)]
+    if summary.failed:
+        print(failed_line(summary.failed, out), file=sys.stderr)
+        return 1
     if missing:
         print(f"{len(missing)} of {len(planned)} runs are not finished (other shards?); "
               "re-run without --shard to compute the statistics")

@@ -317,13 +317,18 @@ class Summary:
     seconds: float
     tables: dict[str, pd.DataFrame]
     keys: list[str]
+    failed: dict[str, str] = field(default_factory=dict)  # key -> error (distributed backends record, not raise)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def line(self, shard: Shard) -> str:
-        if self.ran == 0 and self.mine:
-            return (f"all {self.mine} runs of shard {shard} were already finished: no edit and no forward pass; "
-                    f"merged tables rewritten from {len(self.tables.get('runs', []))} stored runs")
-        return (f"{self.total} runs in the plan, {self.mine} in shard {shard}, {self.skipped} already done, "
-                f"{self.ran} ran in {self.seconds:.1f} s; merged {len(self.tables.get('runs', []))} finished runs")
+        done = len(self.tables.get("runs", [])) - len(self.failed)
+        if self.ran == 0 and self.mine and not self.failed:
+            return (f"all {self.mine} runs of shard {shard.describe()} were already finished: no edit and no forward "
+                    f"pass; merged tables rewritten from {done} stored runs")
+        failed = f", {len(self.failed)} failed (errors in runs.csv)" if self.failed else ""
+        phases = f" ({', '.join(f'{k} {v:.1f} s' for k, v in self.timings.items())})" if self.timings else ""
+        return (f"{self.total} runs in the plan, {self.mine} in shard {shard.describe()}, {self.skipped} already done, "
+                f"{self.ran} ran in {self.seconds:.1f} s{phases}{failed}; merged {done} finished runs")
 
 
 def threads() -> int:
@@ -349,12 +354,13 @@ SERIAL = Shard()
 
 def run_plan(session: Session, out: str | Path, shard: Shard = SERIAL, *, points: Sequence[Point] | None = None,
              planned: Sequence[Planned] | None = None, progress: bool = True, merge_only: bool = False,
-             verbose: bool = True, claim: Callable[[], None] | None = None) -> Summary:
-    """Run this shard's unfinished points (default: the grid's plan) through the store, then rewrite the merged
-    tables of the plan. `claim` runs once everything is validated, before anything is written (the manifest)."""
+             verbose: bool = True, claim: Callable[[], None] | None = None, backend: Any = None) -> Summary:
+    """Run this shard's unfinished points (default: the grid's plan) through the store with `backend` (default:
+    this process, `interventions.backends`), then rewrite the merged tables of the plan. `claim` runs once
+    everything is validated, before anything is written (the manifest)."""
     import sys
 
-    from tqdm.auto import tqdm
+    from interventions.backends import Serial, execute
 
     t0 = time.perf_counter()
     planned = list(planned) if planned is not None else plan(session, points)
@@ -370,12 +376,16 @@ def run_plan(session: Session, out: str | Path, shard: Shard = SERIAL, *, points
     runner = Runner(session, store, progress=progress, verbose=verbose)
     mine = [t for t in planned if shard.owns(t.key)]
     todo = [] if merge_only else [t for t in mine if not store.is_done(t.key)]
-    for t in tqdm(todo, desc=f"runs {shard}", unit="run", disable=not progress or len(todo) < 2):
-        runner.result(t.point)
+    outcome = execute(Serial() if backend is None else backend, runner, todo, progress, f"runs {shard}")
+    for t in todo:
+        if t.key in outcome.failed:
+            store.record_failure(t.config, outcome.failed[t.key])
+    store.clean_stale()  # what a killed worker left half-written
     keys = [t.key for t in planned]
     tables = merge(store, keys, experiment)
     skipped = 0 if merge_only else len(mine) - len(todo)
-    return Summary(len(planned), len(mine), skipped, len(runner.ran), time.perf_counter() - t0, tables, keys)
+    return Summary(len(planned), len(mine), skipped, len(outcome.ran), time.perf_counter() - t0, tables, keys,
+                   outcome.failed, outcome.timings)
 
 
 def merge(store: ResultsStore, keys: Sequence[str], experiment: Experiment,
@@ -385,7 +395,8 @@ def merge(store: ResultsStore, keys: Sequence[str], experiment: Experiment,
     tables: dict[str, pd.DataFrame] = {}
     for _ in range(attempts):
         done = [k for k in store.keys() if k in wanted]
-        tables = store.write_merged(done, finish=experiment.finish)
+        failed = store.failures(sorted(wanted - set(done)))
+        tables = store.write_merged(done, finish=experiment.finish, failed=failed)
         if [k for k in store.keys() if k in wanted] == done:
             break
     return tables

@@ -8,6 +8,8 @@ Layout under the store root (DESIGN "Tidy results", METHODS §8):
   runs/<key>/run.json          bookkeeping that is not a result (wall time, host); written last
   .tmp/                        runs being written; a run is built there and published by one directory
                                rename, so `runs/<key>` exists only when complete
+  failed/<key>.json            a run that failed twice under a distributed backend: its error and config
+                               (listed in runs.csv with status "failed"; removed when the run later succeeds)
   <name>.csv / .parquet, runs.csv   merged tables over all finished runs, sorted by run key (identical
                                whatever the order, interruption or sharding that produced them)
 """
@@ -30,13 +32,15 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from eval.atomic import frame_bytes, write_frame
+from eval.atomic import frame_bytes, write_frame, write_json
 from eval.errors import UserError
 from eval.version import code_version, set_code_version  # noqa: F401  (re-exported: run keys record it)
+from interventions.shard import Shard  # noqa: F401  (re-exported: the store's unit of splitting)
 
 RUNS = "runs"
 TMP = ".tmp"
 DONE = "run.json"
+FAILED = "failed"
 KEY_CHARS = 16
 
 
@@ -72,36 +76,6 @@ def canonical_json(config: Mapping[str, Any]) -> str:
 def run_key(config: Mapping[str, Any]) -> str:
     """A short stable hash of the full configuration: the run's identity in the store."""
     return hashlib.blake2b(canonical_json(config).encode(), digest_size=KEY_CHARS // 2).hexdigest()
-
-
-@dataclass(frozen=True)
-class Shard:
-    """`--shard i/n` (1 ≤ i ≤ n): this process runs the grid points whose key falls in bucket i of n."""
-
-    index: int = 1
-    count: int = 1
-
-    def __post_init__(self) -> None:
-        if not (self.count >= 1 and 1 <= self.index <= self.count):
-            raise UserError(f"bad shard {self.index}/{self.count}; use i/n with 1 <= i <= n, e.g. --shard 1/4")
-
-    @classmethod
-    def parse(cls, text: str | None) -> "Shard":
-        if text is None:
-            return cls()
-        i, slash, n = str(text).partition("/")
-        try:
-            if not slash:
-                raise ValueError
-            return cls(int(i), int(n))
-        except ValueError:
-            raise UserError(f"bad --shard {text!r}; use i/n with 1 <= i <= n, e.g. 2/4") from None
-
-    def owns(self, key: str) -> bool:
-        return int(key, 16) % self.count == self.index - 1
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -170,6 +144,10 @@ class ResultsStore:
     @property
     def tmp_dir(self) -> Path:
         return self.root / TMP
+
+    @property
+    def failed_dir(self) -> Path:
+        return self.root / FAILED
 
     # -- lookup
     def path(self, key: str) -> Path:
@@ -253,6 +231,7 @@ class ResultsStore:
         _fsync_dir(self.runs_dir)
         with contextlib.suppress(OSError):
             self.tmp_dir.rmdir()  # empty once nothing else is being written (another shard's runs keep it)
+        self._clear_failure(key)
         return self.load(key)
 
     def get_or_run(self, config: Mapping[str, Any], compute: Callable[[], RunResult],
@@ -266,6 +245,28 @@ class ResultsStore:
         result = compute()
         return self.publish(config, result, meta={**(meta or {}), "seconds": time.perf_counter() - t0}), True
 
+    def record_failure(self, config: Mapping[str, Any], error: str) -> None:
+        """Note a run that failed (after its retry) with its error, for runs.csv; a later success removes it."""
+        key = run_key(config)
+        write_json({"key": key, "error": error, "host": socket.gethostname(), "time": time.time(),
+                    "config": json.loads(canonical_json(config))}, self.failed_dir / f"{key}.json")
+
+    def failures(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """{key: failure record} of the given keys that failed and are not finished."""
+        out = {}
+        for key in keys:
+            path = self.failed_dir / f"{key}.json"
+            if path.is_file() and not self.is_done(key):
+                with contextlib.suppress(OSError, ValueError):
+                    out[key] = json.loads(path.read_text())
+        return out
+
+    def _clear_failure(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            (self.failed_dir / f"{key}.json").unlink()
+        with contextlib.suppress(OSError):
+            self.failed_dir.rmdir()
+
     def meta(self, key: str) -> dict[str, Any]:
         """A finished run's bookkeeping (run.json: host, pid, wall time, threads, …)."""
         try:
@@ -274,8 +275,10 @@ class ResultsStore:
             return {}
 
     # -- merging
-    def merged(self, keys: Iterable[str] | None = None) -> dict[str, pd.DataFrame]:
-        """Every table concatenated over finished runs (sorted by key, a `run` column first) plus `runs`."""
+    def merged(self, keys: Iterable[str] | None = None,
+               failed: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, pd.DataFrame]:
+        """Every table concatenated over finished runs (sorted by key, a `run` column first) plus `runs`; runs that
+        `failed` ({key: failure record}) are rows of `runs` with status "failed" and their error."""
         runs = [self.load(k) for k in sorted(keys)] if keys is not None else self.runs()
         names = sorted({n for r in runs for n in r.table_names()})
         out: dict[str, pd.DataFrame] = {}
@@ -286,14 +289,20 @@ class ResultsStore:
                 if df is not None and len(df.columns):
                     parts.append(df.assign(run=r.key)[["run", *[c for c in df.columns if c != "run"]]])
             out[name] = pd.concat(parts, ignore_index=True, sort=False) if parts else pd.DataFrame()
-        out["runs"] = pd.DataFrame([{"run": r.key, **_flat(r.config)} for r in runs])
+        rows = [{"run": r.key, **_flat(r.config)} for r in runs]
+        if failed:
+            rows = [{**r, "status": "done", "error": ""} for r in rows]
+            rows += [{"run": k, "status": "failed", "error": f["error"], **_flat(f.get("config", {}))}
+                     for k, f in failed.items()]
+            rows.sort(key=lambda r: r["run"])
+        out["runs"] = pd.DataFrame(rows)
         return out
 
     def write_merged(self, keys: Iterable[str] | None = None, *,
-                     finish: Callable[[dict[str, pd.DataFrame]], dict[str, pd.DataFrame]] | None = None
-                     ) -> dict[str, pd.DataFrame]:
+                     finish: Callable[[dict[str, pd.DataFrame]], dict[str, pd.DataFrame]] | None = None,
+                     failed: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, pd.DataFrame]:
         """Write the merged tables (after `finish`, e.g. cross-run rows) to `<root>/<name>.csv/.parquet` atomically."""
-        tables = self.merged(keys)
+        tables = self.merged(keys, failed)
         if finish is not None:
             tables = finish(tables)
         for name, df in tables.items():

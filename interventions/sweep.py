@@ -25,6 +25,7 @@ from typing import Any
 from eval.cli import ArgumentParser, add_model_args, check_device, cli_main
 from eval.folders import check_out, claim
 from eval.version import set_code_version
+from interventions.backends import add_backend_args, backend_from_args, failed_line
 from interventions.cli import add_eval_options, eval_options
 from interventions.grid import CONTROL_ALL, CONTROL_NONE, EXPERIMENT_NAMES, MATCH_CRITERIA, Grid, load_grid, parse_seeds
 from interventions.runner import EXPERIMENTS, plan, run_plan
@@ -36,7 +37,8 @@ def _parser() -> ArgumentParser:
     ap = ArgumentParser(prog="python -m interventions.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("grid", nargs="?", default=None, help="grid file (.yaml/.yml/.json); CLI lists override its keys")
     ap.add_argument("--out", required=True, help="results folder (the store); re-running resumes")
-    ap.add_argument("--shard", default=None, help="i/n: run only this deterministic share of the grid (1 <= i <= n)")
+    ap.add_argument("--shard", default=None,
+                    help="i/n: run only this deterministic share of the grid (1 <= i <= n); auto: from SLURM/RANK env")
     ap.add_argument("--experiment", default=None, help=f"one of: {', '.join(EXPERIMENT_NAMES)}")
     add_model_args(ap)
     ap.add_argument("--layers", default=None, help="selector (e.g. core, vision-only, mlp-only;block=0-5)")
@@ -52,6 +54,7 @@ def _parser() -> ArgumentParser:
                     help="list the grid points of this shard and whether they are done; run nothing")
     ap.add_argument("--merge-only", action="store_true",
                     help="run nothing; only rewrite the merged tables from the grid's finished runs")
+    add_backend_args(ap)
     ap.add_argument("--force", action="store_true", help="write into a non-empty --out that another command made")
     ap.add_argument("--code-version", default=None,
                     help="pin the code version recorded in run keys (default: git describe); e.g. to resume across a "
@@ -76,6 +79,7 @@ def grid_from_args(args: Any) -> Grid:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     shard = Shard.parse(args.shard)
+    backend = backend_from_args(args)
     out = check_out(args.out)
     if args.code_version is not None:
         set_code_version(args.code_version)
@@ -92,8 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{t.point.variant}  {t.point.dataset or '-'}")
         return 0
     summary = run_plan(session, out, shard, merge_only=args.merge_only, progress=session.progress, verbose=False,
-                       claim=lambda: claim(out, "python -m interventions.sweep", force=args.force))
+                       claim=lambda: claim(out, "python -m interventions.sweep", force=args.force), backend=backend)
     print(summary.line(shard))
+    if summary.failed:
+        print(failed_line(summary.failed, out), file=sys.stderr)
+        return 1
     return 0
 
 
