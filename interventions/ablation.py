@@ -35,7 +35,7 @@ from eval.version import code_version, set_code_version
 from interventions.backends import add_backend_args, backend_from_args, failed_line
 from interventions.cli import add_eval_options, eval_options
 from interventions.grid import ALL_CONTROLS, MATCH_CRITERIA, Grid, control_spec, parse_seeds
-from interventions.referee.compare import COLUMNS, EXTRA_COLUMNS, Group, adjust, compare_endpoints
+from interventions.referee.compare import COLUMNS, EXTRA_COLUMNS, Group, adjust, compare_endpoints, gate_ratios
 from interventions.referee.endpoints import endpoints_of
 from interventions.referee.persample import RunSamples
 from interventions.referee.tables import compact_table
@@ -238,7 +238,8 @@ def statistics(groups: Sequence[Group], tables: dict[str, pd.DataFrame], *, qspe
     ordered = sorted(headers.values(), key=lambda o: o.order)
     id_ref = next((o.dataset for o in ordered if o.role == "id" and o.severity is None), None)
     ood_sets = [o.dataset for o in ordered if o.role == "ood"]
-    comp = adjust(pd.DataFrame(rows), headline_endpoints(id_ref, ood_sets, scores[0]))[COLUMNS + EXTRA_COLUMNS]
+    comp = gate_ratios(adjust(pd.DataFrame(rows), headline_endpoints(id_ref, ood_sets, scores[0])))
+    comp = comp[COLUMNS + EXTRA_COLUMNS]
     lines = verdicts(comp, id_ref, tables.get("gains"), qspec, ood_sets, scores[0])
     return Statistics(comp, compact_table(comp, id_ref, ood_sets, scores[0]), _model_edit_notes(tables.get("edits")),
                       lines, time.perf_counter() - t0)

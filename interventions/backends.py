@@ -200,23 +200,42 @@ def _ray_backend(backend: RayBackend, runner: Any, todo: Sequence[Any], progress
     return out
 
 
+REVIVE_TRIES = 120  # probes (1 s apart) of a lost worker while Ray restarts it, before it is given up
+
+
 def _run_level(ray: Any, workers: list[Any], level: Sequence[Any], out: Outcome, bar: Any) -> None:
-    """Feed the level's points to idle workers; a failure (error or dead worker) is retried once elsewhere."""
+    """Feed the level's points to idle workers; a failure (an error, or a worker lost) is retried once. A lost
+    worker rejoins the pool only once its restarted actor answers again (Ray rebuilds its session)."""
     queue = [(t, 0) for t in level]
-    busy: dict[Any, tuple[Any, Any, int]] = {}  # ref -> (worker, planned, attempt)
+    busy: dict[Any, tuple[Any, Any, int]] = {}  # ref -> (worker, planned or None for a revival probe, attempt)
     idle = list(workers)
     while queue or busy:
         while queue and idle:
             t, attempt = queue.pop(0)
             w = idle.pop(0)
             busy[w.run.remote(t.point, t.key)] = (w, t, attempt)
+        if not busy:  # every worker was given up: what is left fails here rather than waiting forever
+            for t, _ in queue:
+                out.failed[t.key] = "no Ray worker left (every worker was lost and did not restart)"
+                bar.update(1)
+            return
         done, _ = ray.wait(list(busy), num_returns=1)
         w, t, attempt = busy.pop(done[0])
+        if t is None:  # a revival probe: attempt counts the probes
+            try:
+                ray.get(done[0])
+                idle.append(w)
+            except Exception:  # noqa: BLE001 - still restarting
+                if attempt < REVIVE_TRIES:
+                    time.sleep(1.0)
+                    busy[w.ready.remote()] = (w, None, attempt + 1)
+            continue
         try:
             _, error, _ = ray.get(done[0])
+            idle.append(w)
         except Exception as exc:  # noqa: BLE001 - the worker died (killed, out of memory): Ray restarts it
             error = f"worker lost: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        idle.append(w)
+            busy[w.ready.remote()] = (w, None, 0)
         if error is None:
             out.ran.append(t.key)
             out.failed.pop(t.key, None)

@@ -16,10 +16,12 @@ from interventions.referee import verdict as V
 
 
 # ------------------------------------------------------------------------------------------- verdict logic
-def _row(control: str, diff: float, lo: float, hi: float, ratio=np.nan, rlo=np.nan, rhi=np.nan, metric="ece") -> dict:
+def _row(control: str, diff: float, lo: float, hi: float, ratio=np.nan, rlo=np.nan, rhi=np.nan, metric="ece",
+         delta_ratio: float = 1.0) -> dict:
+    """A comparison record; controls are δ-matched (achieved δ = Q's, METHODS §3 evidence) unless said otherwise."""
     return {"dataset": "id", "metric": metric, "score": "", "severity": np.nan, "control": control, "variant": control,
             "diff": diff, "ci_lo": lo, "ci_hi": hi, "p_adj": 0.001, "repro_ratio": ratio, "repro_lo": rlo,
-            "repro_hi": rhi}
+            "repro_hi": rhi, "match": "fro", "delta_ratio": delta_ratio, "fieller": ""}
 
 
 def _gains(q_tail: float, null_tail: float) -> pd.DataFrame:
@@ -65,6 +67,19 @@ def test_verdict_branches():
     v = _verdict([q, *spectral, _row("randproj", -0.01, -0.03, 0.0, 0.4, -0.1, 0.9), negatives[1], *noise_fail],
                  _gains(0.8, 1.05))
     assert "inconclusive" in v and "negative controls not excluded (randproj 0.40 [-0.10, 0.90])" in v
+
+    # a control that is not δ-matched is no evidence either way (METHODS §3): a rank-matched e2 at 5× Q's δ that
+    # reproduces does not block "supported" (topdamp, δ-matched, still fails), and is listed with its δ ratio
+    v = _verdict([q, *spectral, _row("randproj", -0.02, -0.03, -0.01, 0.95, 0.6, 1.3, delta_ratio=5.0),
+                  negatives[1], *noise_fail], _gains(0.8, 1.05))
+    assert v.startswith("id ece: supported") and "not by the negatives topdamp" in v and "randproj" not in v
+    # … nor does a low-rank control at half of Q's δ count as reproducing the gain
+    v = _verdict([q, _row("lowrank", -0.018, -0.03, -0.008, 0.9, 0.7, 1.1, delta_ratio=0.5), *negatives,
+                  *noise_fail], _gains(0.8, 1.05))
+    assert "inconclusive" in v and "lowrank 0.90 [0.70, 1.10] at δ ×0.50, not δ-matched" in v
+    v = _verdict([q, dict(spectral[0], fieller="bounded", fieller_lo=0.65, fieller_hi=1.2), *negatives,
+                  *noise_fail, *temp_fail], _gains(0.8, 1.05))
+    assert "lowrank 0.90 [0.70, 1.10] (Fieller [0.65, 1.20])" in v
 
     noise_rows = [_row("noise:c1", -0.02, -0.03, -0.01, 1.0, 0.8, 1.2)]
     spectral_fail = [_row("lowrank", 0.0, -0.01, 0.01, 0.1, -0.2, 0.4)]

@@ -15,6 +15,7 @@ from eval.stats.effects import (
     TOSTResult,
     adjust_pvalues,
     cohens_h,
+    fieller_interval,
     ratio_result,
     reproduction_ratio,
     tost,
@@ -61,6 +62,6 @@ __all__ = [
     "PairedResult", "PermutationResult", "RatioResult", "ResamplePlan", "Resampled", "RunLike", "TOSTResult",
     "TOST_MARGINS", "adjust_pvalues", "as_metric", "as_runs", "bootstrap_p", "cohens_h", "delong_covariance",
     "delong_test", "hierarchical_bootstrap", "mcnemar_test", "paired_bootstrap", "paired_result", "percentile_ci",
-    "permutation_test", "point_value", "ratio_result", "reproduction_ratio", "resample_jobs", "resample_many",
-    "resample_values", "tost", "tost_margin",
+    "fieller_interval", "permutation_test", "point_value", "ratio_result", "reproduction_ratio", "resample_jobs",
+    "resample_many", "resample_values", "tost", "tost_margin",
 ]

@@ -54,10 +54,40 @@ def cohens_h(p_v: float, p_fp: float) -> float:
 
 @dataclass(frozen=True)
 class RatioResult:
+    """Δ_control/Δ_quant with its percentile CI and the Fieller set (METHODS §6): `fieller` is "bounded" (an
+    interval [fieller_lo, fieller_hi]), "unbounded" (Δ_quant²/Var(Δ_quant) ≤ z², no finite interval) or ""."""
+
     ratio: float
     lo: float
     hi: float
     quant_excludes_zero: bool
+    fieller_lo: float = float("nan")
+    fieller_hi: float = float("nan")
+    fieller: str = ""
+
+
+def fieller_interval(diff_quant: float, diff_control: float, samples_quant: np.ndarray, samples_control: np.ndarray,
+                     alpha: float = ALPHA) -> tuple[float, float, str]:
+    """The Fieller (1 − α) set for ρ = Δ_c/Δ_q from the bootstrap (co)variances of the two Δs (METHODS §6).
+
+    {ρ : (Δ_c − ρΔ_q)² ≤ z²·(V_c − 2ρC + ρ²V_q)}: with a = Δ_q² − z²V_q > 0 the interval between the roots of
+    aρ² − 2(Δ_qΔ_c − z²C)ρ + (Δ_c² − z²V_c); otherwise not a bounded interval ("unbounded").
+    """
+    from scipy.stats import norm
+
+    ok = np.isfinite(samples_quant) & np.isfinite(samples_control)
+    if ok.sum() < 3:
+        return float("nan"), float("nan"), ""
+    cov = np.cov(np.stack([samples_quant[ok], samples_control[ok]]))
+    vq, vc, c = float(cov[0, 0]), float(cov[1, 1]), float(cov[0, 1])
+    z2 = float(norm.ppf(1 - alpha / 2)) ** 2
+    a = diff_quant**2 - z2 * vq
+    if not a > 0:
+        return float("-inf"), float("inf"), "unbounded"
+    b = diff_quant * diff_control - z2 * c
+    disc = b * b - a * (diff_control**2 - z2 * vc)
+    half = float(np.sqrt(max(disc, 0.0)))
+    return (b - half) / a, (b + half) / a, "bounded"
 
 
 def reproduction_ratio(
@@ -85,14 +115,16 @@ def reproduction_ratio(
 
 def ratio_result(diff_quant: float, diff_control: float, samples_quant: np.ndarray, samples_control: np.ndarray,
                  alpha: float = ALPHA) -> RatioResult:
-    """Δ_control / Δ_quant and its percentile CI from shared paired resamples; NaN unless Δ_quant's CI excludes 0."""
+    """Δ_control / Δ_quant, its percentile CI from shared paired resamples and the Fieller set; NaN unless Δ_quant's
+    CI excludes 0 (the ablation withholds it further unless Δ_quant survives the headline correction)."""
     lo_q, hi_q = percentile_ci(samples_quant, alpha)
     if not (lo_q > 0 or hi_q < 0):
         return RatioResult(float("nan"), float("nan"), float("nan"), False)
     ratio = diff_control / diff_quant if diff_quant else float("nan")
     with np.errstate(divide="ignore", invalid="ignore"):
         lo, hi = percentile_ci(samples_control / samples_quant, alpha)
-    return RatioResult(float(ratio), lo, hi, True)
+    f_lo, f_hi, kind = fieller_interval(diff_quant, diff_control, samples_quant, samples_control, alpha)
+    return RatioResult(float(ratio), lo, hi, True, f_lo, f_hi, kind)
 
 
 @dataclass(frozen=True)

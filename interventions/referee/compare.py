@@ -23,7 +23,10 @@ from interventions.referee.persample import LABELLED_STATS, RunSamples, sample_s
 COLUMNS = ["model", "dataset", "metric", "score", "severity", "variant", "family", "quant", "match", "seeds",
            "coverage", "delta_median", "delta_max", "n", "value_fp", "value_v", "diff", "ci_lo", "ci_hi", "test",
            "statistic", "p", "p_adj", "family_id", "effect_size", "repro_ratio", "repro_lo", "repro_hi", "tost"]
-EXTRA_COLUMNS = ["control", "role", "b", "c", "seed_sd", "adj_method", "tost_p", "B"]
+EXTRA_COLUMNS = ["control", "role", "b", "c", "seed_sd", "adj_method", "tost_p", "B", "fieller_lo", "fieller_hi",
+                 "fieller", "delta_ratio"]
+RATIO_COLUMNS = ("repro_ratio", "repro_lo", "repro_hi", "fieller_lo", "fieller_hi")
+SIGNIFICANT = 0.05  # the quantizer's effect must survive the correction (p_adj < 0.05) for a ratio to be reported
 PRIMARY = "primary"
 Stats = dict[str, dict[str, np.ndarray]]  # dataset key -> per-sample statistic -> vector
 
@@ -167,6 +170,7 @@ def _records(ep: Endpoint, groups: Sequence[Group], res: Sequence[S.Resampled], 
         ratio = (S.ratio_result(quant.diff, pr.diff, quant.samples, pr.samples) if g.control != "quant"
                  else S.RatioResult(float("nan"), float("nan"), float("nan"), quant.excludes_zero))
         es = edit_stats.get(g.spec, {})
+        dq = edit_stats.get(groups[qi].spec, {}).get("delta_median", np.nan)
         out.append({
             "model": model, "dataset": ep.dataset, "metric": ep.metric, "score": ep.score or "",
             "severity": np.nan if ep.severity is None else ep.severity, "variant": g.spec, "family": g.family,
@@ -180,6 +184,8 @@ def _records(ep: Endpoint, groups: Sequence[Group], res: Sequence[S.Resampled], 
             "tost": "" if tost is None else tost.verdict,
             "control": g.control, "role": ep.role, "b": b, "c": c, "seed_sd": pr.seed_sd,
             "adj_method": "", "tost_p": np.nan if tost is None else tost.p, "B": B,
+            "fieller_lo": ratio.fieller_lo, "fieller_hi": ratio.fieller_hi, "fieller": ratio.fieller,
+            "delta_ratio": es.get("delta_median", np.nan) / dq if dq and np.isfinite(dq) else np.nan,
         })
     return out
 
@@ -188,6 +194,18 @@ def compare_endpoint(ep: Endpoint, groups: Sequence[Group], *, B: int, seed: int
                      edit_stats: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
     """Records of METHODS §6 for one endpoint (`compare_endpoints` with one endpoint)."""
     return compare_endpoints([ep], groups, B=B, seed=seed, model=model, edit_stats=edit_stats)
+
+
+def gate_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """Withhold the reproduction ratio (and its CIs) of every endpoint where the quantizer's own Δ is not significant
+    after the correction (p_adj ≥ 0.05, METHODS §6): there Δ_control/Δ_quant divides by noise."""
+    frame = frame.copy()
+    ep = ["dataset", "metric", "score", "severity"]
+    quant = frame[frame["control"] == "quant"].assign(ok=lambda f: f["p_adj"] < SIGNIFICANT)
+    ok = frame[ep].merge(quant[ep + ["ok"]], on=ep, how="left")["ok"].fillna(False).to_numpy(dtype=bool)
+    frame.loc[~ok, list(RATIO_COLUMNS)] = np.nan
+    frame.loc[~ok, "fieller"] = ""
+    return frame
 
 
 def adjust(frame: pd.DataFrame, headline: Sequence[tuple[str, str, str]]) -> pd.DataFrame:

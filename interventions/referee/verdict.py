@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 
 REPRO = 0.5  # "reproduces most of the quantizer's gain": the ratio's CI lies above one half
+DELTA_TOLERANCE = 0.10  # METHODS §3: a control is evidence only if its median δ is within ±10 % of Q's …
+MATCHED_BY_CONSTRUCTION = ("output", "stable-rank")  # … or it is matched by M2/M3
 HEADLINE_METRICS = ("ece", "nll", "top1")
 LOWER_IS_BETTER = {"ece", "ece_ts", "nll", "brier", "fpr95"}
 TEMPERATURE = "temperature"
@@ -28,14 +30,32 @@ def _fmt_ci(metric: str, x: float, lo: float, hi: float) -> str:
     return f"{x:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
+def evidence(row: pd.Series) -> bool:
+    """Whether a control's comparison can count for or against a mechanism (METHODS §3): e5 (matched on confidence),
+    a control matched by M2/M3, or one whose achieved median δ is within ±10 % of the quantizer's."""
+    if row["control"] == TEMPERATURE or row.get("match", "") in MATCHED_BY_CONSTRUCTION:
+        return True
+    ratio = row.get("delta_ratio", np.nan)
+    return bool(np.isfinite(ratio) and abs(ratio - 1.0) <= DELTA_TOLERANCE)
+
+
 def _ratio(row: pd.Series | None) -> str:
+    """The ratio with its percentile CI and the Fieller set; a control that is not δ-matched says so."""
     if row is None or not np.isfinite(row["repro_ratio"]):
         return "n/a"
-    return f"{row['repro_ratio']:.2f} [{row['repro_lo']:.2f}, {row['repro_hi']:.2f}]"
+    text = f"{row['repro_ratio']:.2f} [{row['repro_lo']:.2f}, {row['repro_hi']:.2f}]"
+    kind = row.get("fieller", "")
+    if kind == "bounded":
+        text += f" (Fieller [{row['fieller_lo']:.2f}, {row['fieller_hi']:.2f}])"
+    elif kind == "unbounded":
+        text += " (Fieller unbounded)"
+    if not evidence(row):
+        text += f" at δ ×{row.get('delta_ratio', np.nan):.2f}, not δ-matched"
+    return text
 
 
 def _reproduces(row: pd.Series | None) -> bool:
-    return row is not None and np.isfinite(row["repro_lo"]) and row["repro_lo"] >= REPRO
+    return row is not None and evidence(row) and np.isfinite(row["repro_lo"]) and row["repro_lo"] >= REPRO
 
 
 def _fails(row: pd.Series | None) -> bool:
@@ -69,7 +89,8 @@ def verdicts(comp: pd.DataFrame, id_dataset: str | None, gains: pd.DataFrame | N
     """One line per headline endpoint: supported / noise / confidence-scale / inconclusive, with the numbers.
 
     The quantizer's effect counts as detected when its CI excludes 0 and its Holm-adjusted p (over the headline
-    endpoints) is < 0.05. "Reproduces" = the reproduction ratio's CI lies at or above 0.5; "does not" = below.
+    endpoints) is < 0.05. "Reproduces" = a δ-matched control (`evidence`) whose ratio CI lies at or above 0.5;
+    "does not" = below.
     """
     lines = []
     c1 = [v for v in comp["variant"].unique() if v.startswith("noise:c1")]
@@ -99,10 +120,14 @@ def verdicts(comp: pd.DataFrame, id_dataset: str | None, gains: pd.DataFrame | N
             continue
         if (q["diff"] < 0) != (metric in LOWER_IS_BETTER):
             repro = [r for r in by.values() if r["control"] != "quant" and _reproduces(r)]
+            unmatched = [r for r in by.values() if r["control"] != "quant" and not evidence(r)
+                         and np.isfinite(r["repro_lo"]) and r["repro_lo"] >= REPRO]
+            also = f"; also by controls that are not δ-matched (not evidence): {detail(unmatched)}" if unmatched else ""
             lines.append(f"{label}: inconclusive — {qtxt} (loss): quantization made it worse, the reading attributes "
-                         f"gains; the change is reproduced by {detail(repro) or 'no control family'}")
+                         f"gains; the change is reproduced by {detail(repro) or 'no δ-matched control family'}{also}")
             continue
-        spectral_rows, neg_rows = present(SPECTRAL), present(NEGATIVE)
+        spectral_rows = present(SPECTRAL)
+        neg_rows = [r for r in present(NEGATIVE) if evidence(r)]  # a rank-matched e2 is no evidence either way
         spec_repro = [r for r in spectral_rows if _reproduces(r)]
         noise_repro = [r for r in present(NOISE) if _reproduces(r)]
         damp_repro = [r for r in present(DAMPING_ANY) if _reproduces(r)]
@@ -122,7 +147,7 @@ def verdicts(comp: pd.DataFrame, id_dataset: str | None, gains: pd.DataFrame | N
             why = []
             if spec_repro:
                 if not neg_rows:
-                    why.append("negative controls e2/e3 not run")
+                    why.append("no δ-matched negative control (e2δ/e3) run")
                 elif any(_reproduces(r) for r in neg_rows):
                     why.append("negative controls reproduce it too "
                                f"({detail([r for r in neg_rows if _reproduces(r)])})")
