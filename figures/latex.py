@@ -33,6 +33,8 @@ def tex_cell(cell: str) -> str:
         num, stars, dagger = m.groups()
         marks = "^{" + stars + "}" if stars else ""
         return f"${num}{marks}$" + (DAGGER if dagger else "")
+    if cell.startswith("<") and NUMBER.match(cell[1:]):  # a bootstrap p of 0: its bound
+        return f"$<{cell[1:]}$"
     ci = re.match(r"^\[(.+), (.+)\]$", cell)
     if ci:
         return f"[{tex_cell(ci.group(1))}, {tex_cell(ci.group(2))}]"

@@ -19,6 +19,7 @@ from .io import Results
 from .layout import HEADLINE_METRICS, metric_factor, metric_label
 from .provenance import provenance, question
 
+NEEDED = ("variant", "dataset", "metric", "score", "quant", "diff", "ci_lo", "ci_hi", "p_adj")
 VERDICT = re.compile(r"^\S+ \S+: (supported|noise|confidence-scale|inconclusive)\b")
 
 
@@ -104,7 +105,7 @@ def spectra_summary(results: Results) -> tuple[list[str], list[list[str]]] | Non
 
 def build(results: Results, figures: list[Shown], skipped: list[str]) -> Report:
     """The report's content from the folder and the figures just written."""
-    comp = results.table("comparisons") if results.has("comparisons") else None
+    comp = results.require("comparisons", NEEDED, "the report's headline table") if results.has("comparisons") else None
     blocks = H.headline(comp) if comp is not None else []
     verdict, notes = verdict_lines(results)
     summary, what = None, ""
