@@ -98,7 +98,7 @@ def _short(v: float) -> str:
 
 def _draw_rows(ax: Axes, rows: pd.DataFrame, ypos: dict[str, int], x: str, lo: str, hi: str, k: float,
                lim: tuple[float, float]) -> None:
-    """A marker and CI bar per row, clipped to `lim`; a point outside is an arrow at the edge with its value."""
+    """A marker and CI bar per row, clipped to `lim`; a point outside is its value and an arrow at the edge."""
     for _, r in rows.iterrows():
         y = ypos.get(r["_label"])
         if y is None or not np.isfinite(r[x]):
@@ -112,10 +112,10 @@ def _draw_rows(ax: Axes, rows: pd.DataFrame, ypos: dict[str, int], x: str, lo: s
             continue
         right = v > lim[1]
         span = lim[1] - lim[0]
-        edge = lim[1] - 0.015 * span if right else lim[0] + 0.015 * span
-        ax.plot([edge], [y], marker=">" if right else "<", color=color, ms=3.5, lw=0, gid=gid)
-        ax.text(edge - 0.04 * span if right else edge + 0.04 * span, y, _short(v), ha="right" if right else "left",
-                va="center", fontsize=6.0, color="0.15")
+        edge = lim[1] - 0.01 * span if right else lim[0] + 0.01 * span
+        ax.text(edge, y, f"{_short(v)} →" if right else f"← {_short(v)}", ha="right" if right else "left",
+                va="center", fontsize=6.0, color=color, gid=gid,
+                bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
 
 
 def forest_figure(df: pd.DataFrame, quant: str, size: str = "single",
@@ -205,7 +205,7 @@ def _ratio_panel(ax: Axes, p: pd.DataFrame, rpos: dict[str, int], metric: str, s
     lim = window(p["repro_lo"].to_numpy(float), p["repro_hi"].to_numpy(float), RATIO_SCALE, always=RATIO_WINDOW)
     _draw_rows(ax, p, rpos, "repro_ratio", "repro_lo", "repro_hi", 1.0, lim)
     ax.set_xlim(*lim)
-    ax.set_xlabel(f"reproduction ratio Δ_control / Δ_quant, {metric_label(metric, score).split(',')[0]}")
+    ax.set_xlabel(f"reproduction ratio Δ_control / Δ_quant, {metric_label(metric).split(',')[0]}")
 
 
 def bar_meaning(df: pd.DataFrame) -> str:
