@@ -205,7 +205,7 @@ def _ratio_panel(ax: Axes, p: pd.DataFrame, rpos: dict[str, int], metric: str, s
     lim = window(p["repro_lo"].to_numpy(float), p["repro_hi"].to_numpy(float), RATIO_SCALE, always=RATIO_WINDOW)
     _draw_rows(ax, p, rpos, "repro_ratio", "repro_lo", "repro_hi", 1.0, lim)
     ax.set_xlim(*lim)
-    ax.set_xlabel(f"reproduction ratio Δ_control / Δ_quant, {metric_label(metric).split(',')[0]}")
+    ax.set_xlabel(f"ratio r = Δ_control / Δ_quant ({metric_label(metric).split(',')[0]})")
 
 
 def bar_meaning(df: pd.DataFrame) -> str:

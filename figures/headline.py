@@ -170,7 +170,7 @@ def caption(eps: list[Endpoint], comp: pd.DataFrame) -> str:
         adj = "p_adj as recorded in comparisons.csv"
     return (f"Δ = M(variant) − M(fp) on the same test images, in percentage points for proportions and raw units "
             f"otherwise, with the 95% percentile CI of the paired bootstrap over test images ({boot}resamples; "
-            "controls with several seeds: hierarchical bootstrap, seeds then images). "
+            "controls with N > 1 seeds: hierarchical bootstrap, seeds then images). "
             f"{adj}; * p_adj < 0.05, ** < 0.01, *** < 0.001. r = Δ_control / Δ_quant with its percentile CI over "
             "the same resamples (n/a where the quantizer's Δ is not significant; 'unbounded': Fieller set not an "
             "interval). δ ratio = the control's median weight distortion δ over the quantizer's; † outside ±10 %, "

@@ -12,7 +12,7 @@ SPECIAL = {"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "_": r"\_", "#": r
            "$": r"\$", "^": r"\^{}", "~": r"\~{}"}
 UNICODE = {"Δ": r"$\Delta$", "δ": r"$\delta$", "−": r"$-$", "–": "--", "—": "---", "†": r"\dag{}", "±": r"$\pm$",
            "‖": r"$\|$", "′": "'", "×": r"$\times$", "≥": r"$\geq$", "≤": r"$\leq$", "≈": r"$\approx$", "·": r"$\cdot$",
-           "§": r"\S{}", "²": r"$^2$", "→": r"$\to$"}
+           "§": r"\S{}", "²": r"$^2$", "→": r"$\to$", "<": "$<$", ">": "$>$"}
 NUMBER = re.compile(r"^([+-]?\d+(?:\.\d+)?(?:e[+-]?\d+)?)(\**)(†?)$")
 ALIGN = "lrrrcrrc"
 DAGGER = r"\dag{}"
@@ -41,7 +41,7 @@ def tex_cell(cell: str) -> str:
     return tex(cell)
 
 
-HEADERS = ("Variant", "Seeds", r"$\delta$ ratio", r"$\Delta$", r"95\% CI", r"$p_\mathrm{adj}$", "$r$",
+HEADERS = ("Variant", "$N$", r"$\delta$ ratio", r"$\Delta$", r"95\% CI", r"$p_\mathrm{adj}$", "$r$",
            r"$r$ 95\% CI")
 
 
@@ -56,7 +56,7 @@ def tables_tex(r: Report) -> str:
         first = label if i == 0 else first
         what = tex(r.table_caption) if i == 0 else rf"Columns as in Table~\ref{{tab:{first}}}."
         out += [f"% endpoint: quant={b.quant} dataset={b.dataset} metric={b.metric} score={b.score}",
-                r"\begin{table}[htbp]", r"\centering", r"\footnotesize", r"\setlength{\tabcolsep}{4pt}",
+                r"\begin{table}[htbp]", r"\centering", r"\scriptsize", r"\setlength{\tabcolsep}{2pt}",
                 rf"\caption{{{tex(b.name)} ($\Delta$ in {tex(b.unit)}). {what}}}",
                 rf"\label{{tab:{label}}}", rf"\begin{{tabular}}{{{ALIGN}}}", r"\toprule",
                 " & ".join(HEADERS) + r" \\", r"\midrule"]

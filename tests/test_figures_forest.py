@@ -44,7 +44,7 @@ def test_quantizer_ci_is_a_visible_bar_and_the_outlier_is_printed():
 
 def test_ratio_panel_has_the_threshold_and_prints_the_far_ratio():
     fig = forest_figure(_frame(), "q4")
-    rax = [a for a in fig.axes if "reproduction ratio" in a.get_xlabel()]
+    rax = [a for a in fig.axes if "Δ_control / Δ_quant" in a.get_xlabel()]
     assert len(rax) == 1
     xs = [ln.get_xdata()[0] for ln in rax[0].lines if len(ln.get_xdata()) == 2 and ln.get_xdata()[0] ==
           ln.get_xdata()[1] and ln.get_linestyle() != "-"]

@@ -42,7 +42,8 @@ def test_every_figure_family_renders(built):
     assert made == set(FIGURES)
     stems = set(built)
     assert {"spectra_visual", "spectra_text", "gains_int4", "overlap", "reliability_fmnist_int4", "ood_fp",
-            "dose_fmnist", "forest_int4_fmnist", "sweep_fmnist", "reliability_fmnist", "ood_mnist", "ood_kmnist"} <= stems
+            "dose_fmnist", "forest_int4_fmnist", "sweep_fmnist", "reliability_fmnist", "ood_mnist",
+            "ood_kmnist"} <= stems
 
 
 def test_pngs_are_non_empty_and_of_the_declared_size(built):
