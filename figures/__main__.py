@@ -138,6 +138,8 @@ def write_report(content: "Report", shown: list[tuple[str, str, Path]], skipped:
     from .latex import tables_tex
     from .report import Shown, html_page, markdown
 
+    first = ("forest", "reliability", "ood")  # the referee figure first, then the small multiples, then the rest
+    shown = sorted(shown, key=lambda s: next((i for i, f in enumerate(first) if s[0].startswith(f)), len(first)))
     content.figures = [Shown(stem, caption, png) for stem, caption, png in shown]
     content.skipped = list(skipped)
     for name, text in (("report.html", html_page(content)), ("report.md", markdown(content)),

@@ -133,7 +133,7 @@ def reliability_grid(results: Results, grid_panels: list[Panel], dataset: str, s
             ax.set_xticks([0, 0.5, 1], ["0", ".5", "1"])
             ax.set_yticks([0, 0.5, 1], ["0", ".5", "1"])
             _label_ticks(ax, axes, "confidence", "accuracy")
-        fig.suptitle(f"reliability on {dataset} (grey: fp; ×N: N seeds pooled)")
+        fig.suptitle(f"reliability on {dataset}" + (" (grey: fp; ×N: N seeds pooled)" if len(grid_panels) > 1 else ""))
     return fig
 
 
@@ -169,14 +169,17 @@ def ood_grid(results: Results, grid_panels: list[tuple[Panel, Panel]], id_set: s
     return fig
 
 
-RELIABILITY_CAPTION = ("Reliability diagrams on {ds}: accuracy against confidence in 15 equal-width bins (METHODS §5), "
-                       "one panel per quantizer and control family, full precision in grey; ECE per variant (all bins; "
-                       f"bins with fewer than {MIN_BIN} images not drawn). Seeded controls (×N) pool the N seeds' "
-                       "test images. No error bars: the ECE CIs (paired bootstrap "
-                       "over test images) are in the forest plot and the headline table.")
-OOD_CAPTION = ("{score} score histograms: {id} (ID, filled) vs {ood} (OOD, outlined), one panel per quantizer and "
-               "control family; AUROC with ID as positive. Seeded controls (×N) pool their seeds' images. No error "
-               "bars: the AUROC CIs (paired bootstrap over images) are in the forest plot.")
+RELIABILITY_CAPTION = (
+    "Reliability diagrams on {ds}: accuracy against confidence in 15 equal-width bins (METHODS §5), one panel for fp, "
+    "each quantizer and each control family, full precision in grey; ECE per variant (all bins; bins with fewer than "
+    f"{MIN_BIN} images not drawn). Seeded controls (×N) pool the N seeds' test images. No error bars: where the folder "
+    "holds paired comparisons, the ECE CIs (paired bootstrap over test images) are in the forest plot and the headline "
+    "table.")
+OOD_CAPTION = (
+    "{score} score histograms: {id} (ID, filled) vs {ood} (OOD, outlined), one panel for fp, each quantizer and each "
+    "control family; AUROC with ID as positive. Seeded controls (×N) pool their seeds' images. No error bars: where "
+    "the folder holds paired comparisons, the AUROC CIs (paired bootstrap over images) are in the forest plot and the "
+    "headline table.")
 
 
 def reliability_jobs(results: Results, opts: Options) -> list[Job]:
@@ -187,7 +190,7 @@ def reliability_jobs(results: Results, opts: Options) -> list[Job]:
     out = []
     for ds in reliability.id_datasets(results):
         mine = [sf for sf in files if sf.dataset == ds]
-        if len({base_variant(sf.variant) for sf in mine}) < 2 or not any(sf.variant == "fp" for sf in mine):
+        if not any(sf.variant == "fp" for sf in mine):
             continue
         results.check_samples(mine)
         ps = panels(results, mine)

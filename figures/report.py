@@ -84,7 +84,8 @@ def metrics_summary(results: Results) -> tuple[list[str], list[list[str]]] | Non
         for d, k, s in cols:
             sel = m[(m["variant"] == v) & (m["dataset"] == d) & (m["metric"] == k)
                     & (m["score"].isna() if s is None else (m["score"] == s))]
-            row.append("n/a" if sel.empty else f"{metric_factor(k) * float(sel['value'].iloc[0]):.2f}")
+            x = float(sel["value"].iloc[0]) if not sel.empty else float("nan")
+            row.append("n/a" if not np.isfinite(x) else f"{100 * x:.2f}" if metric_factor(k) == 100 else f"{x:.4f}")
         rows.append(row)
     return headers, rows
 
