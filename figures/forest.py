@@ -209,13 +209,9 @@ def _ratio_panel(ax: Axes, p: pd.DataFrame, rpos: dict[str, int], metric: str, s
 
 
 def bar_meaning(df: pd.DataFrame) -> str:
-    """What a CI bar is: the paired bootstrap over test images, hierarchical (seeds, then images) for ×N rows."""
+    """What a CI bar is: the paired bootstrap over test images, with its B where comparisons.csv records one."""
     b = pd.to_numeric(df["B"], errors="coerce").dropna().unique() if "B" in df.columns else []
-    what = f"bootstrap over images (B={int(b[0])})" if len(b) == 1 else "bootstrap over images"
-    seeds = pd.to_numeric(df["seeds"], errors="coerce") if "seeds" in df.columns else pd.Series(dtype=float)
-    if (seeds > 1).any():
-        what += "; ×N: N seeds, seeds then images"
-    return what
+    return f"bootstrap over test images (B = {int(b[0])})" if len(b) == 1 else "bootstrap over test images"
 
 
 def forest_caption(df: pd.DataFrame, quant: str, dataset: str, how: str = "") -> str:
@@ -224,7 +220,7 @@ def forest_caption(df: pd.DataFrame, quant: str, dataset: str, how: str = "") ->
     pooled = (" Rows marked ×N pool N seeds: their CI is the hierarchical bootstrap (seeds, then images)."
               if (seeds > 1).any() else "")
     return (f"Controls matched to {quant}{how} on {dataset}. Top: Δ = M(variant) − M(fp) (pp for proportions); "
-            f"bars are 95% percentile CIs of the paired bootstrap over test images ({bar_meaning(df).split(';')[0]})."
+            f"bars are 95% percentile CIs of the paired {bar_meaning(df)}."
             f"{pooled} Dashed: the quantizer's Δ. A row beyond {OUTLIER_FACTOR:g}× the quantizer's CI scale is an "
             "arrow at the panel edge with its Δ printed. Bottom: reproduction ratio Δ_control/Δ_quant with its "
             f"percentile CI over the same resamples; dotted: the {REPRO:g} threshold of the verdict.")
@@ -241,7 +237,8 @@ def jobs(results: Results, opts: Options) -> list[Job]:
         raise Skip("no comparison row names a matched quantizer (column quant) for a control")
     out = []
     for q in quants:
-        for ds in sorted(comp.loc[comp["quant"] == q, "dataset"].unique()):
+        roles = comp.groupby("dataset")["role"].first() if "role" in comp.columns else pd.Series(dtype=object)
+        for ds in sorted(comp.loc[comp["quant"] == q, "dataset"].unique(), key=lambda d: (roles.get(d) != "id", d)):
             data = forest_data(comp, q, ds)
             if data.empty or not np.isfinite(data["diff"]).any():
                 continue

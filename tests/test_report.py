@@ -294,3 +294,11 @@ def test_report_on_a_broken_comparisons_table_is_one_line_and_writes_nothing(fol
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "ci_lo" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_report_imports_no_model_code(folder, tmp_path):
+    from tests.test_figures_cli import _run_cli
+
+    p = _run_cli([str(folder), "--report", "--only", "forest", "--out", str(tmp_path / "out")])
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out" / "report.html").is_file()
