@@ -1,5 +1,7 @@
-"""`python -m figures RESULTS_DIR [RESULTS_DIR …] --out DIR`: every figure the folders support, as PDF + PNG.
+"""`python -m figures RESULTS_DIR [RESULTS_DIR …] --out DIR [--report] [--all]`: the figures a paper uses, as PDF + PNG.
 
+Reliability diagrams and OOD histograms come as one small-multiples grid per dataset (`--all` adds one per variant);
+`--report` also writes report.html (one self-contained page), report.md and tables.tex (the headline table).
 Reads stored tables only (METHODS §8), never a model. Everything is validated before anything is written:
 a missing table or column needed by a figure is one line on stderr and exit code 2, with `--out` untouched.
 """
@@ -7,7 +9,8 @@ from __future__ import annotations
 
 import fnmatch
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from eval.cli import ArgumentParser, cli_main
 from eval.errors import UserError
@@ -17,6 +20,9 @@ from .catalog import FIGURES
 from .io import Results
 from .layout import Job, Options, Skip
 from .style import WIDTHS_IN, save
+
+if TYPE_CHECKING:
+    from .report import Report
 
 
 def build_parser() -> ArgumentParser:
@@ -32,6 +38,11 @@ def build_parser() -> ArgumentParser:
                    help="score for the OOD histograms (auto: mcm when the samples store logit_scale, else msp)")
     p.add_argument("--variants", default=None,
                    help="comma-separated globs limiting the per-variant figures (gains, reliability, ood)")
+    p.add_argument("--report", action="store_true",
+                   help="also write report.html (self-contained), report.md and tables.tex: question, verdict, "
+                        "headline table, figures, provenance")
+    p.add_argument("--all", action="store_true", dest="every_variant",
+                   help="also one reliability diagram and one OOD histogram per variant and seed")
     return p
 
 
@@ -76,12 +87,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown or not only:
             raise UserError(f"unknown figure family {', '.join(unknown) or repr(args.only)}; use {', '.join(FIGURES)}")
     out = check_out(args.out)
-    opts = Options(size=args.size, ood_score=args.ood_score)
+    opts = Options(size=args.size, ood_score=args.ood_score, every_variant=args.every_variant)
     results = Results(args.results)
     jobs, skipped = plan(results, opts, only)
     if args.variants is not None:
         jobs = filter_variants(jobs, args.variants, results.label)
-    if not jobs:
+    content = None
+    if args.report:  # every table the report reads is validated before anything is written
+        from .report import build
+
+        content = build(results, [], skipped)
+    if not jobs and content is None:
         reasons = "; ".join(skipped) or "no figure matched --variants"
         raise UserError(f"nothing to plot from {results.label}: {reasons}")
     claim(out, "python -m figures", force=args.force)
@@ -89,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     written = 0
     used: set[str] = set()
+    shown = []
     for _name, job in tqdm(jobs, desc="figures", unit="fig", file=sys.stderr, leave=False):
         try:
             fig = job.build()
@@ -104,11 +121,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = save(fig, out, stem)
         fig.clear()
         written += 1
+        shown.append((stem, job.caption, paths[-1]))
         tqdm.write(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stdout)
     for line in skipped:
         print(f"skipped {line}")
     print(f"{written} figure(s) in {out}")
+    if content is not None:
+        write_report(content, shown, skipped, out)
     return 0
+
+
+def write_report(content: "Report", shown: list[tuple[str, str, Path]], skipped: list[str], out: Path) -> None:
+    """report.html, report.md and tables.tex in `out`, each written atomically."""
+    from eval.atomic import write_text
+
+    from .latex import tables_tex
+    from .report import Shown, html_page, markdown
+
+    first = ("forest", "reliability", "ood")  # the referee figure first, then the small multiples, then the rest
+    shown = sorted(shown, key=lambda s: next((i for i, f in enumerate(first) if s[0].startswith(f)), len(first)))
+    content.figures = [Shown(stem, caption, png) for stem, caption, png in shown]
+    content.skipped = list(skipped)
+    for name, text in (("report.html", html_page(content)), ("report.md", markdown(content)),
+                       ("tables.tex", tables_tex(content))):
+        write_text(out / name, text)
+        print(f"wrote {out / name}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import dose, forest, gains, ood, overlap, reliability, spectra, sweep
+from . import dose, forest, gains, multiples, overlap, spectra, sweep
 from .io import Results
 from .layout import Job, Options
 
@@ -17,8 +17,8 @@ FIGURES: dict[str, Planner] = {
     "spectra": spectra.jobs,
     "gains": gains.jobs,
     "overlap": overlap.jobs,
-    "reliability": reliability.jobs,
-    "ood": ood.jobs,
+    "reliability": multiples.reliability_jobs,  # per-variant diagrams too with --all
+    "ood": multiples.ood_jobs,
     "dose": dose.jobs,
     "forest": forest.jobs,
     "sweep": sweep.jobs,

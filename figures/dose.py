@@ -25,6 +25,7 @@ from .layout import (
 from .style import family_color, family_marker, house_style, new_figure, safe_name, tag
 
 DODGE_DEX = 0.02  # horizontal offset between families at the same δ, in decades (points stay readable)
+MIN_DOSES = 3  # a dose–response needs a family at several δ (METHODS §3 e7); one matched δ each is the forest plot
 NEEDED = ("dataset", "metric", "score", "variant", "family", "delta_median", "diff", "ci_lo", "ci_hi")
 
 
@@ -93,5 +94,12 @@ def jobs(results: Results, opts: Options) -> list[Job]:
     data = dose_data(comp)
     if data.empty:
         raise Skip("no comparison row has a positive delta_median")
-    return [Job(f"dose_{safe_name(ds)}", lambda ds=ds: dose_figure(data, ds, size=size))
+    doses = data.groupby("family")["delta_median"].agg(lambda d: d.round(6).nunique()).max()
+    if doses < MIN_DOSES and not opts.every_variant:
+        raise Skip(f"no family at {MIN_DOSES} or more δ values (a matched ablation: the forest plot shows it; "
+                   "--all draws it anyway)")
+    return [Job(f"dose_{safe_name(ds)}", lambda ds=ds: dose_figure(data, ds, size=size), caption=(
+                f"Dose–response on {ds}: Δ = M(variant) − M(fp) against the median weight distortion δ (log axis), "
+                "one colour per family. Bars: 95% percentile CIs of the paired bootstrap over test images "
+                "(hierarchical over seeds, then images, for seeded controls)."))
             for ds in sorted(data["dataset"].unique())]

@@ -23,6 +23,7 @@ class Options:
 
     size: str = "single"
     ood_score: str = "auto"
+    every_variant: bool = False  # --all: also the per-variant reliability diagrams and OOD histograms
 
     def __post_init__(self) -> None:
         from eval.errors import UserError
@@ -46,6 +47,7 @@ class Job:
     stem: str
     build: Callable[[], Figure]
     variant: str | None = None  # set for per-variant figures, so --variants can filter them
+    caption: str = ""  # what the figure shows and what its error bars are (the report prints it)
 
 
 # Metric keys (METHODS §8) -> axis label; "higher is better" is noted where a reader needs it.

@@ -102,4 +102,6 @@ def jobs(results: Results, opts: Options) -> list[Job]:
     if data.empty:
         raise Skip("every overlap column is empty")
     return [Job("overlap", lambda: overlap_figure(data, {v: results.family(v) for v in data["variant"].unique()},
-                                                  size=size))]
+                                                  size=size),
+                caption="Subspace overlap of the top-k singular vectors with full precision's (METHODS §4): median "
+                        "over matrices, band = interquartile range over matrices (not a confidence interval).")]

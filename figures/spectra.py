@@ -139,5 +139,8 @@ def jobs(results: Results, opts: Options) -> list[Job]:
             curves, bands = spectra_data(results, mats)
             return spectra_figure(curves, bands, size=size, title=f"{tower} tower: singular values")
 
-        out.append(Job(f"spectra_{safe_name(tower)}", build))
+        out.append(Job(f"spectra_{safe_name(tower)}", build, caption=(
+            f"Singular values of representative {tower}-tower matrices for full precision and each variant, with "
+            "the error spectrum σ(E) and its Marchenko–Pastur band (METHODS §4; a band is the MP null's edges, "
+            "not a confidence interval).")))
     return out

@@ -99,5 +99,7 @@ def jobs(results: Results, opts: Options) -> list[Job]:
     if data.groupby("family")["x"].nunique().max() < 2:
         raise Skip(f"no family has two or more {param} values (a matched edit, not a sweep)")
     fp = metrics[(metrics["variant"] == "fp") & metrics["severity"].isna()]
-    return [Job(f"sweep_{safe_name(ds)}", lambda ds=ds: sweep_figure(data, fp, ds, size=size))
+    return [Job(f"sweep_{safe_name(ds)}", lambda ds=ds: sweep_figure(data, fp, ds, size=size),
+                caption=f"Rank-fraction sweep on {ds}: each metric (metrics.csv point values, no error bars) against "
+                        "the kept rank fraction, one line per family; dashed: full precision.")
             for ds in sorted(data["dataset"].unique())]

@@ -33,13 +33,14 @@ def test_cli_writes_pdf_and_png_and_is_identical_across_processes(synth, tmp_pat
     outs = []
     for seed in ("0", "123"):
         out = tmp_path / f"out{seed}"
-        p = _run_cli([str(synth), "--out", str(out), "--only", "forest,reliability", "--variants", "int4"],
+        p = _run_cli([str(synth), "--out", str(out), "--only", "forest,reliability", "--variants", "int4", "--all"],
                      hashseed=seed)
         assert p.returncode == 0, p.stderr
         outs.append(out)
     files = sorted(f.name for f in outs[0].iterdir() if f.name != "manifest.json")  # the figures only
     assert "reliability_fmnist_int4.png" in files and "reliability_fmnist_int4.pdf" in files
     assert "reliability_fmnist_noise-c1.png" not in files  # filtered out by --variants
+    assert "reliability_fmnist.png" in files  # the small-multiples grid (no single variant) is always made
     assert {"forest_int4_fmnist.pdf", "forest_int4_mnist.png"} <= set(files)
     for name in files:
         a, b = (o / name for o in outs)

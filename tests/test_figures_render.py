@@ -27,10 +27,10 @@ def _plan(results: Results, opts: Options) -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Every figure of the synthetic folder (single column): {stem: (family name, Figure, PNG bytes)}."""
+    """Every figure of the synthetic folder (single column, per-variant ones too): {stem: (family, Figure, PNG)}."""
     results = Results([cached_results(tmp_path_factory)])
     out = {}
-    for name, jobs in _plan(results, Options()).items():
+    for name, jobs in _plan(results, Options(every_variant=True)).items():
         for job in jobs:
             fig = job.build()
             out[job.stem] = (name, fig, render(fig, "png"))
@@ -42,7 +42,8 @@ def test_every_figure_family_renders(built):
     assert made == set(FIGURES)
     stems = set(built)
     assert {"spectra_visual", "spectra_text", "gains_int4", "overlap", "reliability_fmnist_int4", "ood_fp",
-            "dose_fmnist", "forest_int4_fmnist", "sweep_fmnist"} <= stems
+            "dose_fmnist", "forest_int4_fmnist", "sweep_fmnist", "reliability_fmnist", "ood_mnist",
+            "ood_kmnist"} <= stems
 
 
 def test_pngs_are_non_empty_and_of_the_declared_size(built):
