@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from interventions.referee import verdict as V
 from interventions.referee.verdict import PROPORTIONS, headline_endpoints
 
 from .forest import common_match, short_label
 
-MATCHED_DELTA = 0.10  # METHODS §3: a control is evidence only if its median δ is within ±10 % of the quantizer's
 MARKS = ((0.001, "***"), (0.01, "**"), (0.05, "*"))
 COLUMNS = ("variant", "seeds", "δ ratio", "Δ", "95% CI", "p_adj", "ratio r", "r 95% CI")
 
@@ -69,11 +69,14 @@ def p_text(p: float, B: float = float("nan")) -> str:
 
 
 def delta_ratio(row: pd.Series, quant_row: pd.Series | None) -> float:
-    """Median δ of the control over the quantizer's (from comparisons.csv's delta_median); NaN if either is missing."""
+    """The control's median δ over the quantizer's: comparisons.csv's `delta_ratio`, or for folders written before
+    it was recorded, `interventions.referee.verdict.delta_ratio` of their delta_median; NaN if missing."""
+    recorded = pd.to_numeric(pd.Series([row.get("delta_ratio", np.nan)]), errors="coerce").iloc[0]
+    if np.isfinite(recorded):
+        return float(recorded)
     if quant_row is None or "delta_median" not in row:
         return float("nan")
-    q = float(quant_row["delta_median"])
-    return float(row["delta_median"]) / q if np.isfinite(q) and q > 0 else float("nan")
+    return V.delta_ratio(float(row["delta_median"]), float(quant_row["delta_median"]))
 
 
 def cells(ep: Endpoint, row: pd.Series, quant_row: pd.Series | None, match: str | None = None) -> dict[str, str]:
@@ -83,8 +86,8 @@ def cells(ep: Endpoint, row: pd.Series, quant_row: pd.Series | None, match: str 
     is_quant = row["variant"] == ep.quant
     dr = delta_ratio(row, quant_row)
     dr_txt = "1" if is_quant else ("n/a" if not np.isfinite(dr) else f"{dr:.2f}")
-    if not is_quant and np.isfinite(dr) and abs(dr - 1) > MATCHED_DELTA:
-        dr_txt += "†"
+    if not is_quant and np.isfinite(dr) and not V.evidence(pd.Series({**row.to_dict(), "delta_ratio": dr})):
+        dr_txt += "†"  # not δ-matched: listed, not evidence (METHODS §3)
     ratio = float(row.get("repro_ratio", np.nan))
     return {
         "variant": short_label(str(row["variant"]), ep.quant, match) if not is_quant else str(row["variant"]),

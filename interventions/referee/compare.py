@@ -19,6 +19,7 @@ import pandas as pd
 from eval import stats as S
 from interventions.referee.endpoints import METRIC_OBJECTS, Endpoint, endpoint_arrays, needs_of
 from interventions.referee.persample import LABELLED_STATS, RunSamples, sample_stats
+from interventions.referee.verdict import delta_ratio
 
 COLUMNS = ["model", "dataset", "metric", "score", "severity", "variant", "family", "quant", "match", "seeds",
            "coverage", "delta_median", "delta_max", "n", "value_fp", "value_v", "diff", "ci_lo", "ci_hi", "test",
@@ -185,7 +186,7 @@ def _records(ep: Endpoint, groups: Sequence[Group], res: Sequence[S.Resampled], 
             "control": g.control, "role": ep.role, "b": b, "c": c, "seed_sd": pr.seed_sd,
             "adj_method": "", "tost_p": np.nan if tost is None else tost.p, "B": B,
             "fieller_lo": ratio.fieller_lo, "fieller_hi": ratio.fieller_hi, "fieller": ratio.fieller,
-            "delta_ratio": es.get("delta_median", np.nan) / dq if dq and np.isfinite(dq) else np.nan,
+            "delta_ratio": delta_ratio(es.get("delta_median", np.nan), dq),
         })
     return out
 

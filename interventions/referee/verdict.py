@@ -30,10 +30,17 @@ def _fmt_ci(metric: str, x: float, lo: float, hi: float) -> str:
     return f"{x:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
+def delta_ratio(delta_control: float, delta_quant: float) -> float:
+    """The control's achieved median δ over the quantizer's (METHODS §3 evidence rule); NaN when either is missing."""
+    if not (np.isfinite(delta_quant) and delta_quant > 0 and np.isfinite(delta_control)):
+        return float("nan")
+    return float(delta_control / delta_quant)
+
+
 def evidence(row: pd.Series) -> bool:
     """Whether a control's comparison can count for or against a mechanism (METHODS §3): e5 (matched on confidence),
     a control matched by M2/M3, or one whose achieved median δ is within ±10 % of the quantizer's."""
-    if row["control"] == TEMPERATURE or row.get("match", "") in MATCHED_BY_CONSTRUCTION:
+    if row.get("control", "") == TEMPERATURE or row.get("match", "") in MATCHED_BY_CONSTRUCTION:
         return True
     ratio = row.get("delta_ratio", np.nan)
     return bool(np.isfinite(ratio) and abs(ratio - 1.0) <= DELTA_TOLERANCE)
