@@ -47,7 +47,7 @@ from interventions.store import ResultsStore, Shard
 DEFAULT_QUANT = "int4-g128-mse"
 # The default control set covers every branch of the reading with one family each (keeps the default ≤ 15 min).
 DEFAULT_CONTROLS = ("lowrank", "damping:gains", "damping:tikhonov", "noise:c1", "noise:c2", "noise:c4", "rotquant",
-                    "randproj", "topdamp", "scale", "clip", "temperature")
+                    "randproj", "randproj:delta", "topdamp", "scale", "clip", "temperature")
 DEFAULT_SEEDS = 3
 DEFAULT_DATASETS = "fmnist,fmnist-calibration,mnist,animal,textile"
 DEFAULT_OUT = "results/ablation"

@@ -26,7 +26,7 @@ CONTROL_ALL = "all"
 ALL_CONTROLS = (
     "lowrank", "damping:transplant", "damping:vectors", "damping:gains", "damping:residual", "damping:tikhonov",
     "noise:c1", "noise:c2", "noise:c3", "noise:c4", "noise:c5", "clip", "round", "deadzone", "scale", "randproj",
-    "topdamp", "rotquant", "temperature",
+    "randproj:delta", "topdamp", "rotquant", "temperature",
 )
 MATCH_CRITERIA = ("fro", "output", "stable-rank", "none")
 EXPERIMENT_NAMES = ("edit", "reliability")

@@ -223,6 +223,24 @@ class MatchResult:
         }
 
 
+def match_along(w: Float[Tensor, "out in"], d: Float[Tensor, "out in"], criterion: str, ref: QuantRef,
+                ctx: MatrixContext, quant: str, param: str, hi: float = 4.0) -> tuple[Tensor, dict[str, Any]]:
+    """W′ = W + t·D with t solved so that W′ meets Q's target: closed form for M1/M2 (both linear in t), bisection on
+    t ∈ [0, hi] for M3. Returns W′ and its match fields (used by matched noise c1–c4 and the δ-matched e2δ)."""
+    target = target_of(criterion, ref)
+    if criterion in ("fro", "output"):
+        base = frob(d) if criterion == "fro" else output_norm(d, _calib(ctx))
+        t = target / base if base > 0 else 0.0
+    else:
+        t, _ = bisect(lambda x: measure(criterion, w, w + x * d, ctx), target, 0.0, hi, rtol=1e-5, maxiter=60)
+    out = w + t * d
+    achieved = measure(criterion, w, out, ctx)
+    if not bool(d.abs().max() > 0):  # no direction to move along (e.g. e2 at full rank is W itself)
+        return out, MatchResult(criterion, quant, param, t, target, achieved, reached=False,
+                                note="W + t·D cannot move: D = 0").fields()
+    return out, MatchResult(criterion, quant, param, t, target, achieved).fields()
+
+
 def reference_fields(
     criterion: str, ref: QuantRef, w: Float[Tensor, "out in"], w_new: Float[Tensor, "out in"], ctx: MatrixContext,
     quant: str,

@@ -172,3 +172,27 @@ def test_every_example_spec_round_trips():
     assert str(parse_edit("damping:tail=0.5@0.5")) == "damping:tail=0.5@0.5"
     assert str(parse_edit("lowrank")) == "lowrank:q=int4-g128-mse,match=fro"
     assert math.isclose(parse_edit("lowrank:0.25").frac, 0.25)
+
+
+def test_e2_delta_is_the_rank_matched_projection_moved_until_delta_equals_the_quantizers(tiny_clip):
+    """e2δ (METHODS §3): W′ − W = t·(W P Pᵀ − W) with the same P as e2 (same seed), t ∈ (0, 1) set by M1, so its δ is
+    Q's while e2's is far above it; the spec round-trips."""
+    target = _quant_deltas(tiny_clip.model)
+    cache = SVDCache()
+    base = {v.name: v.get().clone() for v in weight_views(tiny_clip.model)}
+    full, moved = copy.deepcopy(tiny_clip.model), copy.deepcopy(tiny_clip.model)
+    e2 = {r["matrix"]: r for r in apply_edit(full, f"randproj:q={QUANT}", "core", cache=cache, seed=3).rows}
+    e2d = apply_edit(moved, f"randproj:delta,q={QUANT}", "core", cache=cache, seed=3).rows
+    after = {v.name: v.get() for v in weight_views(moved)}
+    proj = {v.name: v.get() for v in weight_views(full)}
+    assert str(parse_edit(f"randproj:delta,q={QUANT}")) == f"randproj:delta,q={QUANT},match=fro"
+    for r in e2d:
+        name = r["matrix"]
+        if isinstance(r.get("match_note"), str) and r["match_note"]:  # e2 = W here ((a) keeps every direction)
+            assert e2[name]["rank_frac"] == 1 and r["delta"] < 1e-6 and not r["match_reached"]
+            continue
+        assert r["match_param"] == "t" and 0 < r["match_value"] < 1 and r["match_rel_err"] <= 1e-6
+        assert r["delta"] == pytest.approx(target[name], rel=1e-4) and e2[name]["delta"] > r["delta"]
+        assert r["rank"] == e2[name]["rank"]
+        d = (after[name] - base[name]).double()
+        assert torch.allclose(d, r["match_value"] * (proj[name] - base[name]).double(), atol=1e-5)

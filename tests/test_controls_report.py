@@ -44,6 +44,7 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "scale": CONTROL_PARAMS + ("alpha_b",) + REFERENCE,
     "randproj": CONTROL_PARAMS + ("rank", "rank_frac") + REFERENCE,
     "randproj:0.5": CONTROL_PARAMS + ("rank", "rank_frac"),
+    "randproj:delta": CONTROL_PARAMS + MATCH_FIELDS + ("rank", "rank_frac"),  # match_note: D = 0 at full rank
     "topdamp": CONTROL_PARAMS + ("top_k",) + MATCHED,
     "topdamp:0.9@0.5": CONTROL_PARAMS + ("top_k",),
     "rotquant": CONTROL_PARAMS + REFERENCE,

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from eval.errors import UserError
 from interventions.controls.base import Control, cached_quantizer, parse_float, parse_int, split_spec
-from interventions.matching import MatchResult, QuantRef, bisect, frob, measure, output_norm, target_of
+from interventions.matching import MatchResult, QuantRef, frob, match_along, measure, target_of
 from interventions.quantizers import IntQuantizer
 from interventions.registry import Edited, MatrixContext, register_edit
 from spectral.nulls import row_scales
@@ -165,20 +165,11 @@ class Noise(Control):
         if self.scale is not None:
             return Edited(w + self.scale * n)
         crit = self.criterion
-        target = target_of(crit, ref)
-        if crit == "fro" and self.kind in EXACT_NORM:
-            k = 1.0
-        elif crit in ("fro", "output"):
-            base = frob(n) if crit == "fro" else output_norm(n, ctx.calib_inputs)  # type: ignore[arg-type]
-            k = target / base if base > 0 else 0.0
-        else:  # stable-rank: bisection on k with the real singular values
-            def sr(t: float) -> float:
-                return measure(crit, w, w + t * n, ctx)
-
-            k, _ = bisect(sr, target, 0.0, 4.0, rtol=1e-5, maxiter=60)
-        out = w + k * n
-        achieved = measure(crit, w, out, ctx)
-        return Edited(out, MatchResult(crit, self.q_spec, "k", k, target, achieved).fields())
+        if crit == "fro" and self.kind in EXACT_NORM:  # ‖N‖_F = ‖E‖_F already: k = 1
+            out = w + 1.0 * n
+            return Edited(out, MatchResult(crit, self.q_spec, "k", 1.0, target_of(crit, ref),
+                                           measure(crit, w, out, ctx)).fields())
+        return Edited(*match_along(w, n, crit, ref, ctx, self.q_spec, "k"))
 
 
 @register_edit("noise", examples=("noise:c1", "noise:c1-uniform", "noise:c1-group", "noise:c1-rel", "noise:c2",

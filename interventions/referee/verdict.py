@@ -17,7 +17,7 @@ TEMPERATURE = "temperature"
 SPECTRAL = ("lowrank", "damping:gains", "damping:tikhonov", "damping:soft", "damping:tail")  # (a), b3, b4
 DAMPING_ANY = SPECTRAL + ("damping:transplant", "damping:vectors")  # (a)/(b)
 NOISE = ("noise:c1", "noise:c2", "noise:c3", "noise:c4", "rotquant")  # c1–c4, e4
-NEGATIVE = ("randproj", "topdamp")  # e2, e3
+NEGATIVE = ("randproj", "randproj:delta", "topdamp")  # e2, e2δ, e3 (e2 is no evidence: not δ-matched)
 
 
 PROPORTIONS = {"top1", "top5", "ece", "ece_ts", "auroc", "fpr95", "wga"}
