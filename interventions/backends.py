@@ -107,7 +107,7 @@ class _Worker:
         from interventions.store import ResultsStore
 
         t0 = time.perf_counter()
-        torch.set_num_threads(threads)  # the driver's thread count: the same float sums, the same bits
+        torch.set_num_threads(threads)  # the run's CPU share (recorded in run.json; a mixed resume warns)
         set_code_version(version)  # the driver's run keys, whatever this worker's checkout says
         self.runner = Runner(Session(grid), ResultsStore(out), verbose=False)
         self.startup = time.perf_counter() - t0
