@@ -40,9 +40,10 @@ from interventions.referee.endpoints import endpoints_of
 from interventions.referee.persample import RunSamples
 from interventions.referee.tables import compact_table
 from interventions.referee.verdict import REPRO, headline_endpoints, verdicts
-from interventions.runner import Planned, Runner, plan, run_plan, threads
+from interventions.runner import Planned, Runner, plan, run_plan
 from interventions.session import Session
 from interventions.store import ResultsStore, Shard
+from interventions.threads import threads
 
 DEFAULT_QUANT = "int4-g128-mse"
 # The default control set covers every branch of the reading with one family each (keeps the default ≤ 15 min).

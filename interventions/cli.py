@@ -205,8 +205,8 @@ def _write(session: Any, summary: Any, out: Path, command: str, argv: Sequence[s
            seeds: Sequence[int], order: Sequence[str]) -> None:
     from eval.atomic import write_json
     from eval.version import code_version
-    from interventions.runner import threads
     from interventions.store import ResultsStore
+    from interventions.threads import threads
 
     ResultsStore(out).link_arrays(summary.keys)
     edits = summary.tables.get("edits")

@@ -25,6 +25,7 @@ from interventions.grid import Grid, Point, _points_of, expand
 from interventions.registry import BASE_COLUMNS, Edit, EditReport, MatrixContext, ModelEdit, apply_edit, parse_edit
 from interventions.session import OPTIONS, Session
 from interventions.store import ResultsStore, RunResult, Shard, StoredRun, run_key
+from interventions.threads import threads, warn_mixed_threads
 
 
 class Planned(NamedTuple):
@@ -329,24 +330,6 @@ class Summary:
         phases = f" ({', '.join(f'{k} {v:.1f} s' for k, v in self.timings.items())})" if self.timings else ""
         return (f"{self.total} runs in the plan, {self.mine} in shard {shard.describe()}, {self.skipped} already done, "
                 f"{self.ran} ran in {self.seconds:.1f} s{phases}{failed}; merged {done} finished runs")
-
-
-def threads() -> int:
-    """The intra-op thread count: float sums (and so results, in the last bits) depend on it."""
-    import torch
-
-    return torch.get_num_threads()
-
-
-def warn_mixed_threads(store: ResultsStore, keys: Sequence[str]) -> str | None:
-    """A warning when finished runs of the plan were computed with another thread count than this process's."""
-    now = threads()
-    other = [m["threads"] for k in keys
-             if store.is_done(k) and "threads" in (m := store.meta(k)) and m["threads"] != now]
-    if not other:
-        return None
-    return (f"warning: {len(other)} finished run(s) in {store.root} were computed with {sorted(set(other))} thread(s) "
-            f"and this process uses {now}: results can differ in the last bits (set OMP_NUM_THREADS to match)")
 
 
 SERIAL = Shard()
