@@ -35,7 +35,15 @@ from eval.version import code_version, set_code_version
 from interventions.backends import add_backend_args, backend_from_args, failed_line
 from interventions.cli import add_eval_options, eval_options
 from interventions.grid import ALL_CONTROLS, MATCH_CRITERIA, Grid, control_spec, parse_seeds
-from interventions.referee.compare import COLUMNS, EXTRA_COLUMNS, Group, adjust, compare_endpoints, gate_ratios
+from interventions.referee.compare import (
+    COLUMNS,
+    EXTRA_COLUMNS,
+    Group,
+    adjust,
+    compare_endpoints,
+    edit_stats_of,
+    gate_ratios,
+)
 from interventions.referee.endpoints import endpoints_of
 from interventions.referee.persample import RunSamples
 from interventions.referee.tables import compact_table
@@ -49,7 +57,7 @@ DEFAULT_QUANT = "int4-g128-mse"
 # The default control set covers every branch of the reading with one family each (keeps the default ≤ 15 min).
 DEFAULT_CONTROLS = ("lowrank", "damping:gains", "damping:tikhonov", "noise:c1", "noise:c2", "noise:c4", "rotquant",
                     "randproj", "randproj:delta", "topdamp", "scale", "clip", "temperature")
-DEFAULT_SEEDS = 3
+DEFAULT_SEEDS = 5  # METHODS §3 (c): ≥ 5 seeds for the stochastic controls
 DEFAULT_DATASETS = "fmnist,fmnist-calibration,mnist,animal,textile"
 DEFAULT_OUT = "results/ablation"
 DEFAULT_SCORES = ("mcm", "msp")
@@ -100,19 +108,6 @@ def groups_of(planned: Sequence[Planned], runner: Runner, quant: str, match: str
                       lambda key: RunSamples.from_run(runner.result(points[key])), quant, match, items)
 
 
-def _edit_stats(edits: pd.DataFrame | None, groups: Sequence[Group]) -> dict[str, dict[str, float]]:
-    """Coverage and median/max δ of each group's runs, for the comparison records."""
-    out: dict[str, dict[str, float]] = {}
-    if edits is None or edits.empty:
-        return out
-    for g in groups:
-        rows = edits[edits["run"].isin(g.keys)] if g.keys else edits.iloc[0:0]
-        if len(rows):
-            out[g.spec] = {"coverage": float(rows["coverage"].max()), "delta_median": float(rows["delta"].median()),
-                           "delta_max": float(rows["delta"].max())}
-    return out
-
-
 def _model_edit_notes(edits: pd.DataFrame | None) -> list[str]:
     """What each model edit (e5) did, from its stored edits.csv rows (its own summary line)."""
     from interventions.registry import ModelEdit, parse_edit
@@ -147,8 +142,10 @@ def _parser() -> ArgumentParser:
     ap.add_argument("--scores", default=",".join(DEFAULT_SCORES),
                     help="OOD scores to compare (mcm, msp, maxlogit, energy)")
     ap.add_argument("--noise", action="store_true", help="include the noise-robustness severities (METHODS §5)")
-    ap.add_argument("--B", type=int, default=S.DEFAULT_B, help=f"bootstrap resamples (default {S.DEFAULT_B})")
-    ap.add_argument("--headline", action="store_true", help=f"B = {S.HEADLINE_B} (headline numbers)")
+    ap.add_argument("--B", type=int, default=S.HEADLINE_B,
+                    help=f"bootstrap resamples (default {S.HEADLINE_B}, METHODS §6 for headline numbers; "
+                         f"{S.DEFAULT_B} is the METHODS minimum elsewhere)")
+    ap.add_argument("--headline", action="store_true", help=f"B = {S.HEADLINE_B} (the default; kept for scripts)")
     ap.add_argument("--stats-seed", type=int, default=0, help="seed of the bootstrap resamples (>= 0)")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"results folder; re-running resumes (default {DEFAULT_OUT})")
     ap.add_argument("--shard", default=None,
@@ -232,8 +229,8 @@ def statistics(groups: Sequence[Group], tables: dict[str, pd.DataFrame], *, qspe
             bars[phase] = tqdm(total=total, desc=f"statistics: {phase}", leave=False)
         bars[phase].update(done - bars[phase].n)
 
-    rows = compare_endpoints(eps, groups, B=B, seed=seed, model=model, edit_stats=_edit_stats(tables.get("edits"),
-                             groups), progress=report)
+    rows = compare_endpoints(eps, groups, B=B, seed=seed, model=model,
+                             edit_stats=edit_stats_of(tables.get("edits"), groups), progress=report)
     for bar in bars.values():
         bar.close()
     ordered = sorted(headers.values(), key=lambda o: o.order)

@@ -286,7 +286,7 @@ def control_spec(control: str, quant: str, match: str) -> str:
     return str(edit)
 
 
-def _points_of(spec: str, grid: Grid, dataset: str | None, quant: str, match: str | None) -> list[Point]:
+def points_of(spec: str, grid: Grid, dataset: str | None, quant: str, match: str | None) -> list[Point]:
     """The points of one (canonical) edit spec: one per seed for stochastic edits."""
     from interventions.registry import parse_edit
 
@@ -317,13 +317,13 @@ def expand(grid: Grid) -> list[Point]:
         todo: list[Point] = [Point("fp", "fp", None, None, None, 0, d)] if grid.include_fp else []
         q0, m0 = str(parse_edit(grid.quant[0])), grid.match[0]
         for e in grid.edits:
-            todo += _points_of(control_spec(e, q0, m0), grid, d, q0, m0)
+            todo += points_of(control_spec(e, q0, m0), grid, d, q0, m0)
         for q in grid.quant:
             qs = str(parse_edit(q))
             for c in dict.fromkeys(controls):
                 for m in grid.match:
                     spec = qs if c == CONTROL_NONE else control_spec(c, qs, m)
-                    todo += _points_of(spec, grid, d, qs, m)
+                    todo += points_of(spec, grid, d, qs, m)
         for p in todo:
             points.setdefault((p.edit, p.seed, p.dataset, p.family, p.act), p)
     return list(points.values())

@@ -21,7 +21,7 @@ from torch import nn
 
 from eval.errors import UserError
 from eval.version import code_version
-from interventions.grid import Grid, Point, _points_of, expand
+from interventions.grid import Grid, Point, expand, points_of
 from interventions.registry import BASE_COLUMNS, Edit, EditReport, MatrixContext, ModelEdit, apply_edit, parse_edit
 from interventions.session import OPTIONS, Session
 from interventions.store import ResultsStore, RunResult, Shard, StoredRun, run_key
@@ -58,7 +58,7 @@ def dependencies(p: Point, grid: Grid) -> list[Point]:
     deps = [Point("fp", "fp", None, None, None, 0, p.dataset)]
     for spec in edit.requires():
         canonical = str(parse_edit(spec))
-        deps += _points_of(canonical, grid, p.dataset, canonical, None)
+        deps += points_of(canonical, grid, p.dataset, canonical, None)
     return deps
 
 

@@ -23,7 +23,7 @@ from eval.atomic import atomic_write
 from eval.hashing import tensor_hash
 from spectral.compare import ALIGN_KS, OVERLAP_KS, compare_matrices
 from spectral.gains import N_DECILES
-from spectral.metrics import ENERGY_PERCENTS, RANK_RTOLS, spectrum_metrics
+from spectral.metrics import ALPHA_CI_COLUMNS, ENERGY_PERCENTS, RANK_RTOLS, spectrum_metrics
 from spectral.selector import Selector, select
 from spectral.svd import SVDCache
 from spectral.views import weight_views
@@ -31,7 +31,8 @@ from spectral.views import weight_views
 FP = "fp"
 ID_COLUMNS = ["variant", "matrix", "tower", "kind", "block"]
 METRIC_COLUMNS = (["m", "n", "r", "fro", "spec", "stable_rank", "effective_rank", "nrank_eps", *RANK_RTOLS]
-                  + [f"energy_top{p}" for p in ENERGY_PERCENTS] + ["alpha", "lambda_min", "n_tail", "ks_d"])
+                  + [f"energy_top{p}" for p in ENERGY_PERCENTS]
+                  + ["alpha", "lambda_min", "n_tail", "ks_d", *ALPHA_CI_COLUMNS])
 COMPARE_COLUMNS = (
     ["delta", "spec_change"] + [f"gain_d{j}" for j in range(1, N_DECILES + 1)] + ["gain_excluded", "leakage"]
     + [f"overlap_{s}_{k}" for k in OVERLAP_KS for s in ("u", "v")]

@@ -110,3 +110,20 @@ def test_powerlaw_unfit_when_too_few_values_and_bootstrap_brackets_truth():
     assert boot.lo <= boot.alpha <= boot.hi
     # spread: the MLE's asymptotic SD (α − 1)/√n_tail ≈ 0.082 at n_tail ≈ 600, inflated by refitting λ_min
     assert 0.06 < boot.sd < 0.2 and boot.hi - boot.lo < 0.8
+
+
+def test_spectrum_row_carries_the_alpha_bootstrap_ci_only_up_to_rank_768():
+    from spectral.metrics import ALPHA_BOOT, ALPHA_CI_MAX_RANK
+
+    rng = np.random.default_rng(4)
+    lam = np.sort((1 - rng.random(300)) ** (-1 / 1.5))[::-1]  # α = 2.5, r = 300
+    sig = torch.from_numpy(np.sqrt(lam).copy())
+    row = spectrum_metrics(sig, (300, 300), torch.float64)
+    ref = bootstrap_alpha(sig, n_boot=ALPHA_BOOT, seed=300)  # METHODS §4: 200 resamples, seeded by r
+    assert (row["alpha_lo"], row["alpha_hi"], row["alpha_sd"]) == (ref.lo, ref.hi, ref.sd)
+    assert row["alpha_lo"] < 2.5 < row["alpha_hi"] and row["alpha_lo"] <= row["alpha"] <= row["alpha_hi"]
+    big = torch.from_numpy(np.sqrt((1 - rng.random(ALPHA_CI_MAX_RANK + 1)) ** (-1 / 1.5)))
+    row = spectrum_metrics(big, (ALPHA_CI_MAX_RANK + 1,) * 2, torch.float64)
+    assert math.isfinite(row["alpha"]) and all(math.isnan(row[c]) for c in ("alpha_lo", "alpha_hi", "alpha_sd"))
+    row = spectrum_metrics(torch.ones(5, dtype=torch.float64), (5, 5), torch.float64)  # unfit: no CI either
+    assert math.isnan(row["alpha"]) and math.isnan(row["alpha_lo"])

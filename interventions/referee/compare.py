@@ -49,6 +49,19 @@ class Group:
                 for i, s in enumerate(self.seeds)]
 
 
+def edit_stats_of(edits: pd.DataFrame | None, groups: Sequence[Group]) -> dict[str, dict[str, float]]:
+    """Coverage and median/max δ of each group's runs (from the merged edits.csv), for the comparison records."""
+    out: dict[str, dict[str, float]] = {}
+    if edits is None or edits.empty:
+        return out
+    for g in groups:
+        rows = edits[edits["run"].isin(g.keys)] if g.keys else edits.iloc[0:0]
+        if len(rows):
+            out[g.spec] = {"coverage": float(rows["coverage"].max()), "delta_median": float(rows["delta"].median()),
+                           "delta_max": float(rows["delta"].max())}
+    return out
+
+
 def _effect(metric: str, v: float, fp: float) -> float:
     """Cohen's h for proportions of correct predictions, the relative Δ otherwise (METHODS §6 effect sizes)."""
     if metric in ("top1", "top5", "wga"):
@@ -148,7 +161,7 @@ def compare_endpoints(eps: Sequence[Endpoint], groups: Sequence[Group], *, B: in
             progress("resamples", done[0], B)
 
     res = S.resample_jobs(jobs, plan, progress=tick)
-    qi = next(i for i, g in enumerate(groups) if g.control == "quant")
+    qi = next((i for i, g in enumerate(groups) if g.control == "quant"), None)  # None: no ratios (a scan)
     rows: list[dict[str, Any]] = []
     for e, ep in enumerate(eps):
         r = res[e * len(groups):(e + 1) * len(groups)]
@@ -156,26 +169,33 @@ def compare_endpoints(eps: Sequence[Endpoint], groups: Sequence[Group], *, B: in
     return rows
 
 
-def _records(ep: Endpoint, groups: Sequence[Group], res: Sequence[S.Resampled], arrays: list, qi: int, *, B: int,
-             model: str, edit_stats: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
-    """One endpoint's records from its jobs' resampled values (group order: FP first)."""
+def _records(ep: Endpoint, groups: Sequence[Group], res: Sequence[S.Resampled], arrays: list, qi: int | None, *,
+             B: int, model: str, edit_stats: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
+    """One endpoint's records from its jobs' resampled values (group order: FP first). Without a quantizer group
+    (`qi` None: every variant is its own quantizer, as in a scan) no reproduction ratio is formed."""
     n = len(arrays[0][0][0])
     fp_val = float(res[0].points.mean())
-    quant = S.paired_result(ep.metric, n, fp_val, res[qi].points, res[qi].samples - res[0].samples)
+    quant = (S.paired_result(ep.metric, n, fp_val, res[qi].points, res[qi].samples - res[0].samples)
+             if qi is not None else None)
+    no_ratio = S.RatioResult(float("nan"), float("nan"), float("nan"), False)
     out = []
     for i, g in enumerate(groups[1:], start=1):
         pr = S.paired_result(ep.metric, n, fp_val, res[i].points, res[i].samples - res[0].samples)
         test, stat, p, b, c = _test(ep, arrays[0][0], arrays[i][0], len(g.seeds), pr.p)
         margin = S.tost_margin(ep.metric)
         tost = S.tost(pr.samples, margin) if margin else None
-        ratio = (S.ratio_result(quant.diff, pr.diff, quant.samples, pr.samples) if g.control != "quant"
-                 else S.RatioResult(float("nan"), float("nan"), float("nan"), quant.excludes_zero))
+        if quant is None:
+            ratio = no_ratio
+        elif g.control != "quant":
+            ratio = S.ratio_result(quant.diff, pr.diff, quant.samples, pr.samples)
+        else:
+            ratio = S.RatioResult(float("nan"), float("nan"), float("nan"), quant.excludes_zero)
         es = edit_stats.get(g.spec, {})
-        dq = edit_stats.get(groups[qi].spec, {}).get("delta_median", np.nan)
+        dq = edit_stats.get(groups[qi].spec, {}).get("delta_median", np.nan) if qi is not None else np.nan
         out.append({
             "model": model, "dataset": ep.dataset, "metric": ep.metric, "score": ep.score or "",
             "severity": np.nan if ep.severity is None else ep.severity, "variant": g.spec, "family": g.family,
-            "quant": groups[qi].spec, "match": g.match or "", "seeds": len(g.seeds),
+            "quant": groups[qi].spec if qi is not None else g.spec, "match": g.match or "", "seeds": len(g.seeds),
             "coverage": es.get("coverage", np.nan),
             "delta_median": es.get("delta_median", np.nan), "delta_max": es.get("delta_max", np.nan), "n": n,
             "value_fp": fp_val, "value_v": pr.value_v, "diff": pr.diff, "ci_lo": pr.ci_lo, "ci_hi": pr.ci_hi,
