@@ -162,8 +162,8 @@ def ablation_features(out: Path, store: Any, groups: Sequence[Any], *, B: int, s
 
     fp = runs_of(groups[0])[0]
     if not stored_id_features(fp.path):
-        return ["features: the runs kept no ID image features (run without the id_features option); "
-                "feature-space SQNR not measured"]
+        return ["features: the full-precision run kept no ID image features (no ID-role dataset, or runs made "
+                "without the id_features option); feature-space SQNR not measured"]
     others = [r for g in groups[1:] for r in runs_of(g)]
     table = feature_table(fp, others)
     write_frame(table.frame, out, FILE)
