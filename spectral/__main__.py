@@ -169,11 +169,14 @@ def features_main(args) -> int:
     from interventions.runner import plan, run_plan
     from interventions.session import Session
     from interventions.store import ResultsStore, Shard
+    from spectral.features import TAIL_DECILES
 
     if args.list:
         raise UserError("--features and --list do not combine")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
+    if not args.compare:
+        raise UserError("--features needs at least one --compare SPEC (the variants whose features to compare with fp)")
     quiet = os.environ.get("TQDM_DISABLE", "") not in ("", "0")
     grid = Grid(experiment="reliability", model=args.model, pretrained=args.pretrained, layers=args.layers or "core",
                 controls=(), edits=tuple(args.compare), seeds=(args.seed,),
@@ -202,7 +205,7 @@ def features_main(args) -> int:
     per_run = table.frame.drop_duplicates(["variant", "dataset"])
     for _, r in per_run.iterrows():
         print(f"  {r['variant']} on {r['dataset']}: total SQNR {r['total_sqnr_db']:.2f} dB, tail share "
-              f"(deciles 6–10) {r['tail_share']:.3f}")
+              f"(deciles {TAIL_DECILES[0]}–{TAIL_DECILES[-1]}) {r['tail_share']:.3f}")
     return 0
 
 

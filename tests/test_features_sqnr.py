@@ -171,6 +171,8 @@ def test_spectral_features_needs_an_id_dataset(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "ID-role dataset" in err[0], err
     assert not out.exists()
+    assert main(["--features", "--out", str(out)]) == 2  # nothing to compare
+    assert "--compare" in capsys.readouterr().err and not out.exists()
     assert main(["--datasets", "fmnist", "--out", str(out)]) == 2  # --datasets belongs to --features
     assert "--features" in capsys.readouterr().err and not out.exists()
 
