@@ -202,3 +202,36 @@ def test_ablation_writes_features_and_the_tail_verdict(tmp_path, tiny_config_pat
     assert A.main([*base, "--controls", "scale"]) == 0
     assert "noise:c1 (matched white noise) is not in the control set" in (out / "verdict.txt").read_text()
     capsys.readouterr()
+
+
+def test_stored_features_come_from_features_files_or_features_form_samples(tmp_path):
+    """A run keeps its ID features once: in features/ when its samples are logits, else in the samples file."""
+    from eval.samples import SampleOutputs
+    from interventions.idfeatures import feature_arrays, stored_id_features
+
+    f = _unit_features(40, 12).astype(np.float32)
+    w = _unit_features(3, 12).astype(np.float32)
+    meta = {"dataset": "id", "role": "id", "labels": np.arange(40) % 3, "ids": np.arange(40)}
+    forms = {form: SampleOutputs.from_features(features=f, class_weights=w, logit_scale=10.0, form=form, **meta)
+             for form in ("features", "logits")}
+
+    class Ev:
+        def id_features(self, name):
+            return {"id": f.astype(np.float16)}
+
+    assert feature_arrays(Ev(), "v", {"id": forms["features"]}) == {}  # nothing duplicated
+    arrays = feature_arrays(Ev(), "v", {"id": forms["logits"]})
+    assert list(arrays) == ["features/v/id"] and arrays["features/v/id"]["features"].dtype == np.float16
+    for form, out in forms.items():
+        run = tmp_path / form
+        (run / "samples" / "v").mkdir(parents=True)
+        np.savez(run / "samples" / "v" / "id.npz", **out.to_arrays())
+        if form == "logits":
+            (run / "features" / "v").mkdir(parents=True)
+            np.savez(run / "features" / "v" / "id.npz", **arrays["features/v/id"])
+        found = stored_id_features(run)
+        assert list(found) == ["id"]
+        ids, feats = found["id"].load()
+        np.testing.assert_array_equal(ids, np.arange(40))
+        np.testing.assert_array_equal(feats, f.astype(np.float16))
+    assert stored_id_features(tmp_path / "none") == {}
