@@ -11,14 +11,18 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from spectral.features import TAIL_DECILES
-
 from .io import Results
 from .layout import Job, Options, Skip, bottom_legend
 from .style import house_style, new_figure, safe_name, variant_styles
 
-NEEDED = ("variant", "dataset", "decile", "sqnr_db", "noise_share")
+NEEDED = ("variant", "dataset", "decile", "sqnr_db", "noise_share", "tail")
 CI_LEVEL = 0.95
+
+
+def tail_deciles(df: pd.DataFrame) -> list[int]:
+    """The deciles features.csv marks as the tail (`spectral.features.TAIL_DECILES`; read, not redefined here)."""
+    tail = df["tail"].astype(str).str.lower().isin(("true", "1", "1.0"))
+    return sorted(int(d) for d in df.loc[tail, "decile"].dropna().unique())
 
 
 def series_label(row: pd.Series) -> str:
@@ -72,7 +76,8 @@ def features_figure(df: pd.DataFrame, dataset: str, size: str = "single") -> Fig
         fig = new_figure(size, 3.3)
         top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
         for ax in (top, bottom):
-            ax.axvspan(TAIL_DECILES[0] - 0.5, TAIL_DECILES[-1] + 0.5, color="0.93", lw=0, zorder=0)
+            for j in tail_deciles(d):
+                ax.axvspan(j - 0.5, j + 0.5, color="0.93", lw=0, zorder=0)
         handles = []
         for series, style in styles.items():
             _draw(top, sqnr[sqnr["series"] == series], style)
@@ -100,10 +105,12 @@ def jobs(results: Results, opts: Options) -> list[Job]:
     if df.empty:
         raise Skip("features.csv holds no edited variant")
     size = opts.size
+    tail = tail_deciles(df)
+    span = f"{tail[0]}–{tail[-1]}" if tail else "(none marked)"
     return [Job(f"features_{safe_name(ds)}", lambda ds=ds: features_figure(df, ds, size=size), caption=(
                 f"Feature-space SQNR by rank on {ds} (METHODS §4): SQNR = 10 log10(signal / error energy) of each "
                 "variant's unit-norm image features against full precision, per decile of the SVD basis of the "
                 "centred FP features (1 = most variance); below, each decile's share of the total error energy. "
-                f"Shaded: the tail deciles {TAIL_DECILES[0]}–{TAIL_DECILES[-1]}. Seeded controls: mean over seeds, "
+                f"Shaded: the tail deciles {span}. Seeded controls: mean over seeds, "
                 "band = 95% t-interval over seeds; other lines are single runs (no error bars)."))
             for ds in sorted(df["dataset"].dropna().unique())]
