@@ -140,8 +140,9 @@ def tail_verdict(table: FeatureTable, quant: FeatureRun, null: Sequence[FeatureR
     else:
         reading = "does not concentrate in the tail beyond the c1 null (CI includes 0)"
     hier = ", hierarchical over c1 seeds" if len(t.null) > 1 else ""
+    pval = f"p < {1 / t.B:.2g}" if t.p == 0 else f"p = {t.p:.3g}"  # METHODS §6: a bootstrap p of 0 means < 1/B
     return (head + f"; c1 null {seeds}; Δ = {100 * t.diff:+.2f}pp [{100 * t.ci_lo:+.2f}, {100 * t.ci_hi:+.2f}] "
-            f"(paired bootstrap over {t.n} images, B = {t.B}{hier}), p = {t.p:.3g}: the quantizer's feature error "
+            f"(paired bootstrap over {t.n} images, B = {t.B}{hier}), {pval}: the quantizer's feature error "
             f"{reading}")
 
 
