@@ -149,6 +149,7 @@ class Evaluator:
         self._per_variant: dict[str, pd.DataFrame] = {}
         self._reliability: dict[str, pd.DataFrame] = {}
         self._noise_errs: dict[str, dict[str, dict[float, float]]] = {}
+        self._id_features: dict[str, dict[str, Tensor]] = {}  # variant -> ID dataset -> unit-norm features
         self.stats: Counter[str] = Counter()
 
     @classmethod
@@ -304,8 +305,13 @@ class Evaluator:
     def forget(self, variant: str) -> None:
         """Release everything held for a variant (outputs, metrics, reliability data, noise errors), so a results
         store that keeps them itself stops memory growing over a long sweep."""
-        for held in (self._outputs, self._per_variant, self._reliability, self._noise_errs):
+        for held in (self._outputs, self._per_variant, self._reliability, self._noise_errs, self._id_features):
             held.pop(variant, None)
+
+    def id_features(self, variant: str) -> dict[str, np.ndarray]:
+        """{ID-role dataset: unit-norm image features N×d, float16} of the variant's run (the zero-shot head's
+        input, METHODS §4 "Feature space"), in the dataset's order; float16 as the features form stores them."""
+        return {k: f.numpy().astype(np.float16) for k, f in self._id_features.get(variant, {}).items()}
 
     @torch.no_grad()
     def run(self, variant: str, model: nn.Module, *, reuse: bool = True) -> dict[str, SampleOutputs]:
@@ -324,12 +330,15 @@ class Evaluator:
         todo = sum(len(pos) for i, c, pos in self._jobs if (i, c) not in store)
         self.stats["feature_hits"] += sum(1 for i, c, _ in self._jobs if (i, c) in store)
         results: dict[str, SampleOutputs] = {}
+        self._id_features[variant] = {}
         with tqdm(total=todo, desc=f"eval {variant}", unit="img", disable=not self.progress or todo == 0) as bar:
             for i, severity, pos in self._jobs:
                 ds = self.datasets[i]
                 if (i, severity) not in store:
                     store[(i, severity)] = self._encode(model, i, severity, pos, bar)
                 feats = store[(i, severity)]
+                if severity is None and ds.role == "id":
+                    self._id_features[variant][ds.name] = feats
                 w = self._classifier(model, thash, *self._texts[i])
                 w_mcm = None
                 if self._mcm_texts[i] is not None and self._mcm_texts[i] != self._texts[i]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import dose, forest, gains, multiples, overlap, spectra, sweep
+from . import dose, features, forest, gains, multiples, overlap, spectra, sweep
 from .io import Results
 from .layout import Job, Options
 
@@ -16,6 +16,7 @@ Planner = Callable[[Results, Options], list[Job]]
 FIGURES: dict[str, Planner] = {
     "spectra": spectra.jobs,
     "gains": gains.jobs,
+    "features": features.jobs,
     "overlap": overlap.jobs,
     "reliability": multiples.reliability_jobs,  # per-variant diagrams too with --all
     "ood": multiples.ood_jobs,

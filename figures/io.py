@@ -34,6 +34,9 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "spectra": (("spectra.parquet", "spectra.csv"),
                 ("variant", "matrix"),
                 ("variant", "matrix")),
+    "features": (("features.parquet", "features.csv"),
+                 ("variant", "dataset", "decile", "sqnr_db"),
+                 ("variant", "dataset", "decile")),
     "comparisons": (("comparisons.parquet", "comparisons.csv"),
                     ("dataset", "metric", "variant"),
                     ("model", "dataset", "metric", "score", "severity", "variant", "quant", "match")),
@@ -46,6 +49,7 @@ OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
 NUMERIC_COLUMNS = {
     "value", "delta", "delta_median", "delta_max", "diff", "ci_lo", "ci_hi", "repro_ratio", "repro_lo",
     "repro_hi", "mp_lo", "mp_hi", "r", "coverage", "param_frac", "value_fp", "value_v",
+    "decile", "signal", "noise", "sqnr_db", "noise_share", "total_sqnr_db", "tail_share",
 }
 SAMPLE_KEYS = ("logits", "labels")
 

@@ -12,7 +12,8 @@ recomputes comparisons.csv, verdict.txt and config.json of the finished ablation
 (quantizer, controls and datasets from DIR/config.json; no model is loaded, nothing is re-run).
 
 Writes to --out: runs/ (the store), metrics/edits/gains/runs tables, samples/<variant>/<dataset>.npz (links into
-the store), comparisons.csv/.parquet (one row per METHODS §6 record), verdict.txt and config.json.
+the store), comparisons.csv/.parquet (one row per METHODS §6 record), features.csv/.parquet (feature-space SQNR by
+rank decile per run, METHODS §4; `interventions.referee.features`), verdict.txt and config.json.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from eval.version import code_version, set_code_version
 from interventions.backends import add_backend_args, backend_from_args, failed_line
 from interventions.cli import add_eval_options, eval_options
 from interventions.grid import ALL_CONTROLS, MATCH_CRITERIA, Grid, control_spec, parse_seeds
+from interventions.idfeatures import OPTION as ID_FEATURES
 from interventions.referee.compare import (
     COLUMNS,
     EXTRA_COLUMNS,
@@ -45,6 +47,7 @@ from interventions.referee.compare import (
     gate_ratios,
 )
 from interventions.referee.endpoints import endpoints_of
+from interventions.referee.features import ablation_features
 from interventions.referee.persample import RunSamples
 from interventions.referee.tables import compact_table
 from interventions.referee.verdict import REPRO, headline_endpoints, verdicts
@@ -178,7 +181,7 @@ def _validated(args: Any) -> tuple[Grid, int, tuple[str, ...], list[str], str]:
     grid = Grid(experiment="reliability", model=args.model, pretrained=args.pretrained, layers=args.layers,
                 quant=(qspec,), controls=("none", *items), match=(args.match,), seeds=parse_seeds(args.seeds),
                 datasets=(args.datasets,), include_fp=True,
-                options={**eval_options(args), **({} if args.noise else {"noise_severities": []})},
+                options={**eval_options(args), **({} if args.noise else {"noise_severities": []}), ID_FEATURES: True},
                 device=args.device)
     return grid, B, scores, items, qspec
 
@@ -286,6 +289,7 @@ def stats_only(args: Any, argv: Sequence[str] | None, t0: float) -> int:
                         config["controls"])
     st = statistics(groups, store.merged(keys), qspec=config["quant"], scores=scores, B=B, seed=args.stats_seed,
                     model=str(config.get("model", {}).get("name", "")), progress=_progress())
+    st.lines += ablation_features(out, store, groups, B=B, seed=args.stats_seed)  # features.csv, METHODS §4
     stats_argv = list(sys.argv[1:] if argv is None else argv)
     _write(out, st, {**config, "scores": list(scores), "B": B, "stats_seed": args.stats_seed,
                      "stats_argv": stats_argv, "stats_code_version": code_version()}, t0)
@@ -335,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     groups = groups_of(planned, Runner(session, store, verbose=False), qspec, args.match, items)
     st = statistics(groups, summary.tables, qspec=qspec, scores=scores, B=B, seed=args.stats_seed,
                     model=session.loaded.info.name, progress=progress)
+    st.lines += ablation_features(out, store, groups, B=B, seed=args.stats_seed)  # features.csv, METHODS §4
     store.link_arrays([k for g in groups for k in g.keys])
     _write(out, st, {"command": "interventions.ablation", "argv": list(sys.argv[1:] if argv is None else argv),
                      "model": session.model_info(), "quant": qspec, "controls": items, "match": args.match,

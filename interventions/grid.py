@@ -151,7 +151,7 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = list(parse_severities(v, f"grid option {key!r}"))
         elif key in ("templates", "mcm_templates"):
             out[key] = _option_templates(key, v)
-        elif key in ("gains", "spectra", "skip_bad_images", "allow_nonfinite"):
+        elif key in ("gains", "spectra", "skip_bad_images", "allow_nonfinite", "id_features"):
             out[key] = _option_bool(key, v)
         else:
             out[key] = v

@@ -22,6 +22,8 @@ from torch import nn
 from eval.errors import UserError
 from eval.version import code_version
 from interventions.grid import Grid, Point, expand, points_of
+from interventions.idfeatures import OPTION as ID_FEATURES
+from interventions.idfeatures import feature_arrays
 from interventions.registry import BASE_COLUMNS, Edit, EditReport, MatrixContext, ModelEdit, apply_edit, parse_edit
 from interventions.session import OPTIONS, Session
 from interventions.store import ResultsStore, RunResult, Shard, StoredRun, run_key
@@ -233,10 +235,12 @@ def reliability_experiment(p: Point, runner: "Runner") -> RunResult:
     ev = s.evaluator(p.dataset)
     name = variant_filename(p.variant)
     outs = ev.run(name, model, reuse=p.act is None)  # fake-quant activations: never reuse cached features
-    ev.forget(name)  # the store keeps the outputs; the evaluator's copy would grow per run
     tables = {"metrics": variant_metrics(p.variant, outs), "reliability": variant_reliability(p.variant, outs),
               **_edit_tables(p, runner, model, report)}
     arrays = {f"samples/{name}/{key}": o.to_arrays() for key, o in outs.items()}
+    if s.grid.options.get(ID_FEATURES, False):  # METHODS §4 feature space: the ID sets' image features
+        arrays.update(feature_arrays(ev, name, outs))
+    ev.forget(name)  # the store keeps the outputs; the evaluator's copy would grow per run
     if s.grid.options.get("spectra", False):
         frame, spectra = s.spectra(p, model)
         tables["spectra"] = frame

@@ -26,7 +26,7 @@ from interventions.grid import Grid, Point
 CALIB_IMAGES = 256  # METHODS §3 M2: ≈256 calibration inputs
 EVALUATOR_OPTIONS = ("templates", "mcm_templates", "batch_size", "noise_severities", "noise_subset", "num_workers")
 LOADING_OPTIONS = ("skip_bad_images", "allow_nonfinite")  # how datasets and the model are loaded
-OPTIONS = EVALUATOR_OPTIONS + LOADING_OPTIONS + ("gains", "spectra")
+OPTIONS = EVALUATOR_OPTIONS + LOADING_OPTIONS + ("gains", "spectra", "id_features")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ Writes `spectra.parquet`, `spectra.csv` and `spectra/<variant>.npz` under --out 
 and each --compare edit spec (applied to a copy of the model on the --layers selection), then prints per
 tower the median stable rank, the median tail gain and the fraction of matrices whose tail gain is below the
 per-row white-noise null.
+
+`--features` (METHODS §4 "Feature space"): evaluate fp and each --compare variant on the ID-role sets of --datasets
+through the one runner (`interventions.runner`, the results store under --out: resumable) and write features.csv,
+one row per variant × ID dataset × rank decile of the FP feature basis (SQNR in dB, error energy and share; columns in
+`interventions.referee.features`), then print per variant the total SQNR and the tail share.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from eval.errors import UserError
 from eval.folders import check_out, claim, preflight, writable
 from spectral.selector import select
 from spectral.views import total_parameters, weight_views
+
+FEATURE_DATASETS = "fmnist"
 
 
 def build_parser() -> ArgumentParser:
@@ -36,6 +43,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty --out that another command made")
     p.add_argument("--null-draws", type=int, default=4, help="Monte-Carlo draws of the per-row noise null (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise nulls and of stochastic edits (default 0)")
+    p.add_argument("--features", action="store_true",
+                   help="feature-space SQNR by rank (METHODS §4): evaluate fp and each --compare variant on the ID "
+                        "set(s) of --datasets and write features.csv (instead of the weight spectra)")
+    p.add_argument("--datasets", default=None,
+                   help=f"with --features: the evaluation suite, at least one ID-role set (default {FEATURE_DATASETS}"
+                        ", the embedded ID set)")
+    p.add_argument("--batch-size", type=int, default=256, help="with --features: images per forward pass")
     return p
 
 
@@ -85,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--seed must be an integer >= 0, got {args.seed}")
         if args.null_draws < 1:
             raise UserError(f"--null-draws must be >= 1, got {args.null_draws}")
+    if args.features:
+        return features_main(args)
+    if args.datasets is not None:
+        raise UserError("--datasets is an option of --features (the weight spectra need no data)")
     edits = []
     if args.compare and not args.list:
         from interventions.registry import parse_edit
@@ -139,6 +157,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     result.write(args.out)
     print(f"spectra of {n_views} matrices x {1 + len(variants)} variant(s) -> {args.out}")
     print(result.summary())
+    return 0
+
+
+def features_main(args) -> int:
+    """`--features`: fp and the --compare variants through the runner on the ID set(s), then features.csv."""
+    from eval.atomic import write_frame
+    from interventions.grid import Grid, expand
+    from interventions.idfeatures import OPTION
+    from interventions.referee.features import FILE, FeatureRun, feature_table
+    from interventions.runner import plan, run_plan
+    from interventions.session import Session
+    from interventions.store import ResultsStore, Shard
+    from spectral.features import TAIL_DECILES
+
+    if args.list:
+        raise UserError("--features and --list do not combine")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
+    if not args.compare:
+        raise UserError("--features needs at least one --compare SPEC (the variants whose features to compare with fp)")
+    quiet = os.environ.get("TQDM_DISABLE", "") not in ("", "0")
+    grid = Grid(experiment="reliability", model=args.model, pretrained=args.pretrained, layers=args.layers or "core",
+                controls=(), edits=tuple(args.compare), seeds=(args.seed,),
+                datasets=(args.datasets or FEATURE_DATASETS,), device=check_device(args.device),
+                options={"noise_severities": [], "batch_size": args.batch_size, "gains": False, OPTION: True,
+                         **({"allow_nonfinite": True} if args.allow_nonfinite else {})})
+    points = expand(grid)
+    session = Session(grid, progress=not quiet)
+    suite = session.evaluator(grid.datasets[0])
+    if not any(d.role == "id" for d in suite.datasets):
+        names = ", ".join(d.name for d in suite.datasets)
+        raise UserError(f"--features needs an ID-role dataset in --datasets (got {names}); the feature basis is the "
+                        "FP features of the ID test set")
+    planned = plan(session, points)
+    out = Path(args.out)
+    summary = run_plan(session, out, planned=planned, progress=not quiet,
+                       claim=lambda: claim(out, "python -m spectral", force=args.force))
+    print(summary.line(Shard()), file=sys.stderr)
+    store = ResultsStore(out)
+    runs = [FeatureRun(t.point.variant, t.point.edit or "fp", t.point.edit or "fp", t.point.family,
+                       t.point.seed if t.point.stochastic else None, store.path(t.key)) for t in planned]
+    fp = next(r for r in runs if r.spec == "fp")
+    table = feature_table(fp, [r for r in runs if r is not fp])
+    write_frame(table.frame, out, FILE)
+    print(f"feature-space SQNR by rank of {len(runs) - 1} variant(s) -> {out / (FILE + '.csv')}")
+    per_run = table.frame.drop_duplicates(["variant", "dataset"])
+    for _, r in per_run.iterrows():
+        print(f"  {r['variant']} on {r['dataset']}: total SQNR {r['total_sqnr_db']:.2f} dB, tail share "
+              f"(deciles {TAIL_DECILES[0]}–{TAIL_DECILES[-1]}) {r['tail_share']:.3f}")
     return 0
 
 

@@ -51,9 +51,10 @@ def fp_basis_gains(factors: SVDFactors, w_prime: Float[Tensor, "m n"]) -> Float[
     return gains_from_projections(d, factors.S, (int(factors.U.shape[0]), int(factors.Vh.shape[1])))
 
 
-def decile_index(r: int, device: torch.device | str | None = None) -> Int[Tensor, " r"]:
-    """0-based decile of each singular index: ⌊10(i−1)/r⌋ for 1-based i (METHODS §4)."""
-    return torch.div(torch.arange(r, device=device) * N_DECILES, max(r, 1), rounding_mode="floor")
+def decile_index(r: int, device: torch.device | str | None = None, bins: int = N_DECILES) -> Int[Tensor, " r"]:
+    """0-based decile of each singular index: ⌊10(i−1)/r⌋ for 1-based i (METHODS §4); `bins` other than 10 gives
+    the same rule with ⌊bins·(i−1)/r⌋ (contiguous rank bins of near-equal size)."""
+    return torch.div(torch.arange(r, device=device) * bins, max(r, 1), rounding_mode="floor")
 
 
 def gain_deciles(g: Float[Tensor, " r"]) -> list[dict[str, Any]]:

@@ -196,6 +196,38 @@ def _ood_metrics(z_id: np.ndarray, z_ood: np.ndarray) -> dict[tuple[str, str], f
 
 
 # ---------------------------------------------------------------------------------------------- builder
+FEATURE_DIM = 24
+FEATURE_SEEDS = 3
+
+
+def _features(rng: np.random.Generator) -> pd.DataFrame:
+    """features.csv from real feature-space SQNR computations (`spectral.features`) on synthetic unit-norm features:
+    the quantizer's error leans to the tail, matched white noise (3 seeds) is isotropic, low-rank drops the tail."""
+    import torch
+
+    from spectral.features import FeatureBasis, feature_error
+
+    f = rng.standard_normal((N_SAMPLES, FEATURE_DIM)) * np.logspace(0, -1.5, FEATURE_DIM) + 0.3
+    fp = f / np.linalg.norm(f, axis=1, keepdims=True)
+    basis = FeatureBasis.fit(torch.from_numpy(fp))
+    tail = basis.basis.numpy()[FEATURE_DIM // 2:]
+    white = 0.002 * rng.standard_normal((2, *fp.shape))
+    edits = {("int4", "quant", "quant", None):
+             fp + 0.01 * rng.standard_normal((N_SAMPLES, tail.shape[0])) @ tail + white[0],
+             ("lowrank-m1", "lowrank", "lowrank", None): fp - (fp - fp.mean(0)) @ tail.T @ tail * 0.5 + white[1]}
+    for s in range(FEATURE_SEEDS):
+        edits[(f"noise-c1#s{s}", "noise:c1", "noise", s)] = fp + 0.004 * rng.standard_normal(fp.shape)
+    rows = []
+    for (variant, control, family, seed), v in edits.items():
+        sq = feature_error(basis, torch.from_numpy(fp), torch.from_numpy(v)).sqnr()
+        for r in sq.frame().to_dict("records"):
+            rows.append({"variant": variant, "control": control, "spec": variant.split("#")[0], "family": family,
+                         "seed": seed, "dataset": ID_SET, "n_images": N_SAMPLES, "k": basis.k, **r,
+                         "total_noise": sq.total_noise, "noise_outside": sq.noise_outside,
+                         "total_sqnr_db": sq.total_sqnr_db, "tail_share": sq.tail_share})
+    return pd.DataFrame(rows)
+
+
 def build_results(root: Path, *, parquet: bool = True, drop_files: Sequence[str] = (),
                   drop_columns: Mapping[str, Sequence[str]] | None = None, seed: int = 0) -> Path:
     """Write a complete synthetic results folder under `root`; `drop_*` remove tables/columns to make broken ones."""
@@ -284,7 +316,8 @@ def build_results(root: Path, *, parquet: bool = True, drop_files: Sequence[str]
     if "p_rank_frac" not in edits.columns:
         edits["p_rank_frac"] = np.nan
 
-    tables = {"metrics": metrics, "edits": edits, "spectra": spectra, "comparisons": comparisons}
+    tables = {"metrics": metrics, "edits": edits, "spectra": spectra, "comparisons": comparisons,
+              "features": _features(rng)}
     for name, df in tables.items():
         df = df.drop(columns=[c for c in drop_columns.get(name, ()) if c in df.columns])
         if f"{name}.csv" not in drop_files:

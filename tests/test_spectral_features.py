@@ -46,10 +46,10 @@ def test_energies_add_up_and_isotropic_noise_hurts_weak_ranks_most():
     assert float(res.noise.sum()) + res.noise_outside == pytest.approx(float((noise**2).sum()), rel=1e-10)
     assert res.noise_outside == pytest.approx(0.0, abs=1e-8)  # N > d: the basis spans the feature space
     frame = res.frame(bins=4)
-    assert list(frame["bin"]) == [1, 2, 3, 4]
+    assert list(frame["decile"]) == [1, 2, 3, 4]
     assert frame["noise"].sum() == pytest.approx(res.total_noise, rel=1e-10)
     assert frame["sqnr_db"].is_monotonic_decreasing  # same noise per rank, less signal in later ranks
-    assert frame["noise_frac"].sum() == pytest.approx(1.0)
+    assert frame["noise_share"].sum() == pytest.approx(1.0)
 
 
 def test_shape_mismatch_is_an_error():

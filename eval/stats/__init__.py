@@ -43,6 +43,7 @@ from eval.stats.resample import (
     FPR95,
     HEADLINE_B,
     MEAN,
+    RATIO,
     TOST_MARGINS,
     Chunk,
     Metric,
@@ -59,7 +60,7 @@ from eval.stats.resample import (
 __all__ = [
     "ALPHA", "AUROC", "AUROC_DELONG", "BUILTIN_METRICS", "CHUNK", "Chunk", "DEFAULT_B", "DEFAULT_R", "DeLongResult",
     "ECE", "FPR95", "HEADLINE_B", "Job", "MEAN", "MULTIPLICITY_METHODS", "McNemarResult", "Metric", "Outputs",
-    "PairedResult", "PermutationResult", "RatioResult", "ResamplePlan", "Resampled", "RunLike", "TOSTResult",
+    "PairedResult", "PermutationResult", "RATIO", "RatioResult", "ResamplePlan", "Resampled", "RunLike", "TOSTResult",
     "TOST_MARGINS", "adjust_pvalues", "as_metric", "as_runs", "bootstrap_p", "cohens_h", "delong_covariance",
     "delong_test", "hierarchical_bootstrap", "mcnemar_test", "paired_bootstrap", "paired_result", "percentile_ci",
     "fieller_interval", "permutation_test", "point_value", "ratio_result", "reproduction_ratio", "resample_jobs",

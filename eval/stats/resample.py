@@ -102,6 +102,21 @@ class _MeanMetric(Metric):
         return self._sums(chunk, state, sums)[:, 0] / chunk.draws
 
 
+class _RatioMetric(Metric):
+    """Ratio of sums Σ c_i x_i / Σ c_i y_i of two per-sample quantities (e.g. a share of energy over images)."""
+
+    def prepare(self, x: np.ndarray, y: np.ndarray) -> tuple:
+        return np.asarray(x, dtype=np.float64).reshape(-1), np.asarray(y, dtype=np.float64).reshape(-1)
+
+    def columns(self, state: tuple) -> np.ndarray:
+        return np.stack(state, axis=1)
+
+    def values(self, chunk: Chunk, state: tuple, sums: np.ndarray | None = None) -> Float[np.ndarray, " b"]:
+        s = self._sums(chunk, state, sums)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return s[:, 0] / s[:, 1]
+
+
 class _ECEMetric(Metric):
     """Equal-width L1 ECE with 15 bins b = min(⌊15·c⌋, 14) (`ece_bin_index`), METHODS §5.
 
@@ -200,10 +215,11 @@ class _FPR95Metric(Metric):
 
 
 MEAN = _MeanMetric("mean")
+RATIO = _RatioMetric("ratio")
 ECE = _ECEMetric("ece")
 AUROC = _AUROCMetric("auroc")
 FPR95 = _FPR95Metric("fpr95")
-BUILTIN_METRICS: dict[str, Metric] = {m.name: m for m in (MEAN, ECE, AUROC, FPR95)}
+BUILTIN_METRICS: dict[str, Metric] = {m.name: m for m in (MEAN, RATIO, ECE, AUROC, FPR95)}
 
 
 def as_metric(metric: Metric | Callable[..., float] | str) -> Metric:
