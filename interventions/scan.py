@@ -8,9 +8,10 @@ top-1, DeLong for AUROC, the paired bootstrap elsewhere, B = 10⁴), with Benjam
 
 Writes to --out: runs/ (the store) and the merged metrics/edits tables, comparisons.csv/.parquet (one record per
 (quantizer, endpoint), with axis, gain, z and the grid-wide p_adj), tables/<axis>.csv (quantizers × endpoints, Δ)
-for accuracy, calibration, OOD, noise, shift and spurious, effects.csv (the significant effects, largest |z| first),
-scan.txt (the tables and the ranked list) and config.json. `--then-ablate K` then runs the referee ablation
-(`interventions.ablation`, its defaults) on the K weight-only quantizers with the largest significant gains — or,
+for accuracy, calibration, OOD, noise, shift and spurious, effects.csv (the significant effects, largest relative
+change first), features.csv (feature-space SQNR by rank decile of every variant, METHODS §4), scan.txt (the tables
+and the ranked list) and config.json. `--then-ablate K` then runs the referee ablation (`interventions.ablation`,
+its defaults) on the K weight-only quantizers with the largest significant gains — or,
 where no quantizer gains, the largest losses, labelled as such — in DIR/ablation/<spec>/, and prints what the
 ablation says about the effect that picked it.
 """
@@ -35,10 +36,12 @@ from interventions.actquant import SEED_SETTINGS
 from interventions.backends import add_backend_args, backend_from_args, failed_line
 from interventions.cli import add_eval_options, eval_options
 from interventions.grid import Grid, Point, expand, points_of
+from interventions.idfeatures import OPTION as ID_FEATURES
 from interventions.quantizers import RECOMMENDED, parse_quantizer
 from interventions.referee import scan as R
 from interventions.referee.compare import COLUMNS, EXTRA_COLUMNS, Group, compare_endpoints, edit_stats_of
 from interventions.referee.endpoints import endpoints_of
+from interventions.referee.features import write_features
 from interventions.referee.persample import RunSamples
 from interventions.runner import Runner, plan, run_plan
 from interventions.session import Session
@@ -106,7 +109,8 @@ def _validated(args: Any) -> tuple[Grid, list[Point], dict[str, str], tuple[str,
     settings = _settings(args.act_settings)
     grid = Grid(experiment="reliability", model=args.model, pretrained=args.pretrained, layers=args.layers,
                 quant=tuple(quants) or (settings[0][1],), controls=("none",) if quants else (), match=("none",),
-                datasets=(args.datasets,), include_fp=True, options=eval_options(args), device=args.device)
+                datasets=(args.datasets,), include_fp=True, options={**eval_options(args), ID_FEATURES: True},
+                device=args.device)
     points = expand(grid) if quants else [Point("fp", "fp", None, None, None, 0, args.datasets)]
     labels = {p.variant: p.variant for p in points}
     for label, w, a in settings:
@@ -154,8 +158,9 @@ def scan_statistics(groups: Sequence[Group], edits: pd.DataFrame | None, labels:
     return R.annotate(comp, labels)
 
 
-def _write(out: Path, scan: pd.DataFrame) -> list[str]:
-    """comparisons, tables/<axis>.csv, effects.csv and scan.txt; returns the text written to scan.txt."""
+def _write(out: Path, scan: pd.DataFrame, extra: Sequence[str]) -> list[str]:
+    """comparisons, tables/<axis>.csv, effects.csv and scan.txt (the tables, the ranked effects, then `extra`);
+    returns the text written to scan.txt."""
     write_frame(scan, out, "comparisons")
     text: list[str] = []
     for axis in R.AXES:
@@ -165,9 +170,21 @@ def _write(out: Path, scan: pd.DataFrame) -> list[str]:
         text += [table, ""]
     eff = R.effects(scan)
     write_frame(eff, out, "effects", formats=("csv",))
-    text += R.ranked_lines(eff)
+    text += [*R.ranked_lines(eff), *extra]
     write_text(out / "scan.txt", "\n".join(text) + "\n")
     return text
+
+
+def _feature_summary(written: Any, labels: dict[str, str]) -> str:
+    """One line per variant: total feature SQNR and the share of its feature error in the tail deciles (METHODS §4;
+    features.csv holds every decile)."""
+    if isinstance(written, str):
+        return written
+    frame = written[0].frame.drop_duplicates(["variant", "dataset"])
+    lines = ["feature-space SQNR by rank (features.csv): total SQNR, share of the error in the tail deciles"]
+    lines += [f"  {labels.get(r.variant, r.variant):<14} {r.dataset}: {r.total_sqnr_db:6.2f} dB, "
+              f"tail {r.tail_share:.3f}" for r in frame.itertuples()]
+    return "\n".join(lines)
 
 
 def _ablation_argv(args: Any, spec: str, sub: Path) -> list[str]:
@@ -238,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            seed=args.stats_seed, model=session.loaded.info.name, progress=progress)
     stats_s = time.perf_counter() - t1
     store.link_arrays([k for g in groups for k in g.keys])
-    text = _write(out, scan)
+    text = _write(out, scan, ["", _feature_summary(write_features(out, store, groups), labels)])
     print("\n" + "\n".join(text))
     print(f"\nstatistics: {len(scan)} records, B = {args.B}, in {stats_s:.1f} s; wrote {out}/comparisons.csv, "
           f"effects.csv, tables/, scan.txt")

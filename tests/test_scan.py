@@ -111,6 +111,9 @@ def test_scan_end_to_end_resumes_and_ablates_the_pick(tmp_path, tiny_config_path
     assert not (out / "tables" / "spurious.csv").exists()
     text = (out / "scan.txt").read_text()
     assert "spurious: no endpoint" in text and "calibration (Δ vs fp" in text
+    feats = pd.read_csv(out / "features.csv")  # METHODS §4 feature SQNR by rank of every variant against fp
+    assert set(feats["variant"]) == {"int8-ch", "int2-t", "int4-ch+a8"} and set(feats["decile"]) == set(range(1, 11))
+    assert "feature-space SQNR by rank" in text
     eff = pd.read_csv(out / "effects.csv")
     assert (eff["p_adj"] < 0.05).all()
     ablations = (out / "ablations.txt").read_text()

@@ -149,29 +149,39 @@ def tail_verdict(table: FeatureTable, quant: FeatureRun, null: Sequence[FeatureR
 def ablation_features(out: Path, store: Any, groups: Sequence[Any], *, B: int, seed: int) -> list[str]:
     """features.csv of an ablation's groups (FP first, then the quantizer and controls) in `out`, and the verdict
     line; a store whose runs kept no features gets a line saying so and no file."""
+    written = write_features(out, store, groups)
+    if isinstance(written, str):
+        return [written]
+    table, others = written
+    quant = next(r for r in others if r.control == "quant")
+    null = [r for r in others if r.control.startswith(C1)]
+    return [tail_verdict(table, quant, null, B=B, seed=seed)]
+
+
+def write_features(out: Path, store: Any, groups: Sequence[Any]) -> tuple[FeatureTable, list[FeatureRun]] | str:
+    """features.csv of `groups` (FP first) in `out`: the table and the runs it compares, or the line saying why
+    there is none (the FP run kept no ID features)."""
     from eval.atomic import write_frame
     from interventions.registry import parse_edit
 
     def runs_of(g: Any) -> list[FeatureRun]:
-        stochastic = g.control != "fp" and bool(getattr(parse_edit(g.spec), "stochastic", False))
         out_runs = []
         for key in g.keys:
-            cfg = store.load(key).config
+            cfg = store.load(key).config  # the run's own edit spec (a scan's group is named by variant, e.g. W·A)
+            stochastic = cfg.get("edit") is not None and bool(getattr(parse_edit(cfg["edit"]), "stochastic", False))
             out_runs.append(FeatureRun(str(cfg.get("variant")), g.control, g.spec, g.family,
                                        int(cfg.get("seed") or 0) if stochastic else None, store.path(key)))
         return out_runs
 
     fp = runs_of(groups[0])[0]
     if not stored_id_features(fp.path):
-        return ["features: the full-precision run kept no ID image features (no ID-role dataset, or runs made "
-                "without the id_features option); feature-space SQNR not measured"]
+        return ("features: the full-precision run kept no ID image features (no ID-role dataset, or runs made "
+                "without the id_features option); feature-space SQNR not measured")
     others = [r for g in groups[1:] for r in runs_of(g)]
     table = feature_table(fp, others)
     write_frame(table.frame, out, FILE)
-    quant = next(r for r in others if r.control == "quant")
-    null = [r for r in others if r.control.startswith(C1)]
-    return [tail_verdict(table, quant, null, B=B, seed=seed)]
+    return table, others
 
 
 __all__ = ["COLUMNS", "FILE", "FeatureRun", "FeatureTable", "TailTest", "ablation_features", "feature_table",
-           "tail_test", "tail_verdict"]
+           "tail_test", "tail_verdict", "write_features"]
