@@ -106,7 +106,8 @@ def dose_figure(df: pd.DataFrame, dataset: str, size: str = "single",
             for i, c in enumerate(curves):
                 f = p[p["curve"] == c].sort_values(["delta_median", "variant"])
                 if not f.empty:
-                    dodge = 10 ** (DODGE_DEX * (i - (len(curves) - 1) / 2))  # curves side by side
+                    # curves side by side; a quantizer stays on its dotted line
+                    dodge = 1.0 if fam[c] == QUANT else 10 ** (DODGE_DEX * (i - (len(curves) - 1) / 2))
                     _draw_curve(ax, f, metric, styles[c], dodge, fam[c] == QUANT)
             ax.set_xscale("log")
             log_ticks(ax, 100 * p["delta_median"].to_numpy())
