@@ -269,6 +269,15 @@ def test_dose_ablation_end_to_end_on_the_embedded_default(tmp_path, pinned, caps
     assert len(lo) and np.allclose(lo["match_target"], 0.05) and np.allclose(lo["delta"], 0.05, rtol=1e-3)
     np.testing.assert_allclose(lo["match_achieved"], lo["delta"], rtol=1e-4)
     assert json.loads((out / "config.json").read_text())["dose"] == [5.0, 20.0]
+    # --stats-only reads the dose plan back from config.json: the same records
+    before = (out / "comparisons.csv").read_bytes()
+    assert A.main(["--stats-only", "--out", str(out), "--B", "200"]) == 0
+    assert (out / "comparisons.csv").read_bytes() == before
+    # the report's headline table holds the quantizer and its matched controls, not the doses
+    from figures.headline import headline
+
+    blocks = headline(comp)
+    assert blocks and all(b.rows["dose"].isna().all() and len(b.rows) == 4 for b in blocks)
 
     # the matched controls' records are those of the same ablation without doses (same stored runs, nothing rerun)
     plain = tmp_path / "plain"
