@@ -63,6 +63,9 @@ class DosePoint:
     dose: float  # the δ target as a fraction (0.05 = 5 %)
     spec: str  # canonical spec, e.g. "noise:c1,q=int4-g128-mse,match=delta:0.05"
 
+    def __post_init__(self) -> None:
+        delta_criterion(self.dose)  # 0 < dose <= 1, else the one-line δ error
+
     @property
     def match(self) -> str:
         return delta_criterion(self.dose)
