@@ -148,7 +148,7 @@ def _parser() -> ArgumentParser:
                          "0 < X <= 1)")
     ap.add_argument("--dose", nargs="?", const=D.ALL_DOSES, default=None, metavar="PCTS",
                     help="also run every control family with a free parameter at the δ targets "
-                         f"{','.join(map(D._pct, D.DOSE_GRID))} %% (or the given subset, e.g. 1,5,20): METHODS §3 e7")
+                         f"{','.join(map(D.pct_text, D.DOSE_GRID))} %% (or a subset, e.g. 1,5,20): METHODS §3 e7")
     ap.add_argument("--seeds", default=str(DEFAULT_SEEDS),
                     help="seeds of stochastic controls: a count N (seeds 0..N−1) or a comma list "
                          f"(default {DEFAULT_SEEDS})")
@@ -329,8 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.code_version is not None:
         set_code_version(args.code_version)
     grid, B, scores, items, qspec = _validated(args)
-    for note in ([f"left out under {args.match} (no free parameter): {', '.join(args.left_out)}"] if args.left_out
-                 else []) + ([args.dose_plan.note()] if args.dose_plan else []):
+    for note in D.plan_notes(args.match, args.left_out, args.dose_plan):
         print(note)
     progress = _progress()
     session = Session(grid, progress=progress)

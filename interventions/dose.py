@@ -32,14 +32,15 @@ DOSE_SUFFIX = "/dose"  # family_id of the dose rows: their own BH family per end
 ALL_DOSES = "all"
 
 
-def _pct(x: float) -> str:
+def pct_text(x: float) -> str:
+    """A dose in % as written on the command line (0.5, 1, 40)."""
     return f"{x:g}"
 
 
 def parse_doses(value: str | Sequence[float] | None, what: str = "--dose") -> tuple[float, ...]:
     """`--dose` (no value or 'all': every dose of DOSE_GRID) or a comma list of DOSE_GRID's values in % ('1,5,20'),
     sorted and distinct; anything else is a one-line UserError naming the value and the allowed ones."""
-    allowed = f"'all' or a comma list of the doses in % from {{{', '.join(map(_pct, DOSE_GRID))}}} (e.g. 1,5,20)"
+    allowed = f"'all' or a comma list of the doses in % from {{{', '.join(map(pct_text, DOSE_GRID))}}} (e.g. 1,5,20)"
     if value is None:
         return ()
     if isinstance(value, str) and value.strip().lower() == ALL_DOSES:
@@ -92,7 +93,7 @@ class DosePlan:
     def note(self) -> str:
         items = list(dict.fromkeys(p.item for p in self.points))
         text = (f"dose–response: {len(items)} famil{'y' if len(items) == 1 else 'ies'} ({', '.join(items)}) at δ = "
-                f"{', '.join(map(_pct, self.doses))} % (METHODS §3 e7), besides the matched runs")
+                f"{', '.join(map(pct_text, self.doses))} % (METHODS §3 e7), besides the matched runs")
         return text + (f"; left out (no free parameter): {', '.join(self.left_out)}" if self.left_out else "")
 
 
@@ -111,6 +112,12 @@ def plan_from(value: str | Sequence[float] | None, items: Sequence[str], quant: 
     """The dose plan of `--dose VALUE` (None: no dose runs)."""
     doses = parse_doses(value)
     return dose_plan(items, quant, doses) if doses else None
+
+
+def plan_notes(match: str, left_out: Sequence[str], plan: DosePlan | None) -> list[str]:
+    """What a command prints about its plan: the items a δ target left out, and the dose plan."""
+    out = [f"left out under {match} (no free parameter): {', '.join(left_out)}"] if left_out else []
+    return out + ([plan.note()] if plan is not None else [])
 
 
 def under_match(items: Sequence[str], match: str, named: Iterable[str]) -> tuple[list[str], list[str]]:
