@@ -5,7 +5,8 @@ or an ablation is quantizers × controls × matching × seeds × datasets. A poi
 (`interventions.runner`) turns it into a result. Grid keys: experiment, model, pretrained, layers, quant,
 controls (`none` = the quantizer itself, `all` = every family, e5 only when evaluating), edits (explicit edit specs, \
 matched to the first
-quant and match), match, seeds (`N` = seeds 0..N−1, or a list), datasets, include_fp, act (activation
+quant and match), match (fro, output, stable-rank, none, or a δ target delta:X; under a δ target `all` holds
+only the families with a free parameter), seeds (`N` = seeds 0..N−1, or a list), datasets, include_fp, act (activation
 fake-quant of every quantizer point, W·A·), options (evaluator/experiment options), device.
 """
 from __future__ import annotations
