@@ -135,8 +135,11 @@ def quantizers(comp: pd.DataFrame) -> list[str]:
 
 
 def headline(comp: pd.DataFrame) -> list[Endpoint]:
-    """Every headline block of comparisons.csv (empty when it holds no quantizer row)."""
+    """Every headline block of comparisons.csv (empty when it holds no quantizer row); dose–response rows (a finite
+    `dose`, METHODS §3 e7) are the dose figure's, not the headline table's."""
     out = []
+    if "dose" in comp.columns:
+        comp = comp[~np.isfinite(pd.to_numeric(comp["dose"], errors="coerce").to_numpy(dtype=float))]
     score = comp["score"].fillna("").astype(str)
     sev = comp["severity"].isna() if "severity" in comp.columns else pd.Series(True, index=comp.index)
     for q in quantizers(comp):

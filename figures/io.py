@@ -44,11 +44,11 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
 # Columns that may be absent from a file and then mean "does not apply".
 OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
     "metrics": ("score", "severity"),
-    "comparisons": ("model", "score", "severity", "quant", "match"),
+    "comparisons": ("model", "score", "severity", "quant", "match", "control", "dose"),
 }
 NUMERIC_COLUMNS = {
     "value", "delta", "delta_median", "delta_max", "diff", "ci_lo", "ci_hi", "repro_ratio", "repro_lo",
-    "repro_hi", "mp_lo", "mp_hi", "r", "coverage", "param_frac", "value_fp", "value_v",
+    "repro_hi", "mp_lo", "mp_hi", "r", "coverage", "param_frac", "value_fp", "value_v", "dose",
     "decile", "signal", "noise", "sqnr_db", "noise_share", "total_sqnr_db", "tail_share",
 }
 SAMPLE_KEYS = ("logits", "labels")

@@ -38,7 +38,9 @@ def question(results: Results, quants: list[str]) -> str:
         controls = cfg.get("controls")
         n = f" and {len(controls)} controls" if isinstance(controls, list) else " and its controls"
         match = cfg.get("match")
-        how = f", matched by {match} ({MATCH_NAMES.get(match, match)})" if match else ""
+        how = f", matched by {match} ({match_name(match)})" if match else ""
+        if cfg.get("dose"):
+            how += f", with dose–response runs at δ = {', '.join(f'{d:g}' for d in cfg['dose'])} % (METHODS §3 e7)"
         return (f"{QUESTION} Here: {', '.join(quants)}{n}{how}, each evaluated on the same test images against "
                 "full precision.")
     if results.has("spectra") and not results.has("metrics"):
@@ -50,6 +52,14 @@ def question(results: Results, quants: list[str]) -> str:
         what = "full precision alone" if list(v) == ["fp"] else f"{len(v)} variants"
         return f"How reliable is the model ({what}; command {cmd or 'unknown'})? No paired comparisons in this folder."
     return f"What this folder holds (command {cmd or 'unknown'})."
+
+
+def match_name(match: str) -> str:
+    """What a matching criterion means, in words (a δ target `delta:X` included)."""
+    name, _, value = str(match).partition(":")
+    if name == "delta" and value:
+        return f"δ target ‖W′ − W‖_F = {value}·‖W‖_F"
+    return MATCH_NAMES.get(match, match)
 
 
 def run_seconds(results: Results) -> tuple[int, float]:
@@ -138,7 +148,7 @@ def provenance(results: Results, comp: pd.DataFrame | None) -> list[tuple[str, s
         ("seeds", ", ".join(map(str, seeds)) if isinstance(seeds, list) else "not recorded"),
         ("bootstrap resamples B", ", ".join(b) or "not recorded"),
         ("multiplicity corrections", corrections(comp)),
-        ("matching criterion", f"{match} ({MATCH_NAMES.get(match, match)})" if match else "not recorded"),
+        ("matching criterion", f"{match} ({match_name(match)})" if match else "not recorded"),
         ("layers", str(cfg.get("layers") or "not recorded")),
         ("wall time", f"{secs:.0f} s over {n} stored runs (runs/<key>/run.json)" if n else "not recorded"),
     ]

@@ -7,6 +7,10 @@ the one runner and results store (`interventions.runner`), so an interrupted abl
 and shards can share the work; the statistics (`interventions.referee`) are computed from the stored per-sample
 outputs once every run is finished, streamed (each run's files read once, only N-vectors kept).
 
+`--dose [1,5,20]` adds the dose–response runs (METHODS §3 e7, `interventions.dose`): every control family with a free
+parameter at δ targets of {0.5, 1, 2, 5, 10, 20, 40} % (or the doses given), besides the matched runs, which alone
+decide the verdict. `--match delta:X` sets every such family to one δ target instead of matching it to Q.
+
 `python -m interventions.ablation --stats-only --out DIR [--B N | --headline] [--scores …] [--stats-seed S]`
 recomputes comparisons.csv, verdict.txt and config.json of the finished ablation in DIR from its stored runs alone
 (quantizer, controls and datasets from DIR/config.json; no model is loaded, nothing is re-run).
@@ -33,9 +37,10 @@ from eval.cli import ArgumentParser, add_model_args, check_device, cli_main
 from eval.errors import UserError
 from eval.folders import check_out, claim
 from eval.version import code_version, set_code_version
+from interventions import dose as D
 from interventions.backends import add_backend_args, backend_from_args, failed_line
 from interventions.cli import add_eval_options, eval_options
-from interventions.grid import ALL_CONTROLS, MATCH_CRITERIA, Grid, control_spec, parse_seeds
+from interventions.grid import ALL_CONTROLS, MATCH_CRITERIA, Grid, check_match, control_spec, parse_seeds
 from interventions.idfeatures import OPTION as ID_FEATURES
 from interventions.referee.compare import (
     COLUMNS,
@@ -76,20 +81,21 @@ def _control_items(controls: Sequence[str]) -> list[str]:
 
 
 def group_runs(entries: Sequence[tuple[str | None, int, str]], load: Callable[[str], RunSamples], quant: str,
-               match: str, items: Sequence[str]) -> list[Group]:
-    """Runs (edit spec, seed, run key) grouped into FP, the quantizer and one group per control item (seeds in
-    order); `load(key)` gives a run's samples (files, read lazily)."""
+               match: str, items: Sequence[str], dose: D.DosePlan | None = None) -> list[Group]:
+    """Runs (edit spec, seed, run key) grouped into FP, the quantizer, one group per control item and one per dose
+    point (seeds in order); `load(key)` gives a run's samples (files, read lazily)."""
     from interventions.registry import parse_edit
 
     by_edit: dict[str | None, list[tuple[int, str]]] = {}
     for edit, seed, key in entries:
         by_edit.setdefault(edit, []).append((seed, key))
 
-    def group(control: str, spec: str, family: str, match_: str | None, edit: str | None) -> Group:
+    def group(control: str, spec: str, family: str, match_: str | None, edit: str | None,
+              dose_: float = float("nan")) -> Group:
         if edit not in by_edit:
             raise UserError(f"no finished run of {spec!r} in the results folder")
         ordered = sorted(by_edit[edit])
-        return Group(control, spec, family, match_, [load(k) for _, k in ordered], [k for _, k in ordered])
+        return Group(control, spec, family, match_, [load(k) for _, k in ordered], [k for _, k in ordered], dose_)
 
     groups = [group("fp", "fp", "fp", None, None), group("quant", quant, "quant", None, quant)]
     seen = {"fp", quant}
@@ -99,16 +105,20 @@ def group_runs(entries: Sequence[tuple[str | None, int, str]], load: Callable[[s
             continue  # two items that resolve to the same edit
         seen.add(spec)
         groups.append(group(item, spec, parse_edit(spec).family, match if "match=" in spec else None, spec))
+    for p in dose.points if dose is not None else ():
+        if p.spec not in seen:
+            seen.add(p.spec)
+            groups.append(group(p.item, p.spec, parse_edit(p.spec).family, p.match, p.spec, p.dose))
     return groups
 
 
 def groups_of(planned: Sequence[Planned], runner: Runner, quant: str, match: str,
-              items: Sequence[str]) -> list[Group]:
+              items: Sequence[str], dose: D.DosePlan | None = None) -> list[Group]:
     """Every run of the plan as its stored samples (read lazily), grouped into FP, the quantizer and one group per
     control item (seeds in order)."""
     points = {t.key: t.point for t in planned}
     return group_runs([(t.point.edit, t.point.seed, t.key) for t in planned],
-                      lambda key: RunSamples.from_run(runner.result(points[key])), quant, match, items)
+                      lambda key: RunSamples.from_run(runner.result(points[key])), quant, match, items, dose)
 
 
 def _model_edit_notes(edits: pd.DataFrame | None) -> list[str]:
@@ -132,7 +142,11 @@ def _parser() -> ArgumentParser:
     ap.add_argument("--controls", nargs="+", default=None,
                     help=f"control families, or 'all' (every family + e5); default: {' '.join(DEFAULT_CONTROLS)}")
     ap.add_argument("--match", default="fro",
-                    help=f"matching criterion: {', '.join(MATCH_CRITERIA)} (default fro)")
+                    help=f"matching criterion: {', '.join(MATCH_CRITERIA)} (default fro; delta:X = δ target X·‖W‖, "
+                         "0 < X <= 1)")
+    ap.add_argument("--dose", nargs="?", const=D.ALL_DOSES, default=None, metavar="PCTS",
+                    help="also run every control family with a free parameter at the δ targets "
+                         f"{','.join(map(D.pct_text, D.DOSE_GRID))} %% (or a subset, e.g. 1,5,20): METHODS §3 e7")
     ap.add_argument("--seeds", default=str(DEFAULT_SEEDS),
                     help="seeds of stochastic controls: a count N (seeds 0..N−1) or a comma list "
                          f"(default {DEFAULT_SEEDS})")
@@ -168,18 +182,20 @@ def _validated(args: Any) -> tuple[Grid, int, tuple[str, ...], list[str], str]:
     """Everything the command needs, checked before any work: (grid, B, scores, control items, quantizer spec)."""
     from interventions.registry import parse_edit
 
-    if args.match not in MATCH_CRITERIA:
-        raise UserError(f"unknown matching criterion {args.match!r}; allowed: {', '.join(MATCH_CRITERIA)}")
+    args.match = check_match(args.match)
     B, scores = _bootstrap_options(args)
     check_device(args.device)
     qspec = str(parse_edit(args.quant))
     if getattr(parse_edit(qspec), "family", "") != "quant":
         raise UserError(f"--quant {args.quant!r} is not a quantizer spec (e.g. int4-g128-mse, int8-ch, nf4)")
-    items = _control_items(args.controls or DEFAULT_CONTROLS)
+    items, args.left_out = D.under_match(_control_items(args.controls or DEFAULT_CONTROLS), args.match,
+                                         args.controls or ())
     for c in items:
         control_spec(c, qspec, args.match)
+    args.dose_plan = D.plan_from(args.dose, items, qspec)
+    doses = args.dose_plan.specs if args.dose_plan else ()
     grid = Grid(experiment="reliability", model=args.model, pretrained=args.pretrained, layers=args.layers,
-                quant=(qspec,), controls=("none", *items), match=(args.match,), seeds=parse_seeds(args.seeds),
+                quant=(qspec,), controls=("none", *items, *doses), match=(args.match,), seeds=parse_seeds(args.seeds),
                 datasets=(args.datasets,), include_fp=True,
                 options={**eval_options(args), **({} if args.noise else {"noise_severities": []}), ID_FEATURES: True},
                 device=args.device)
@@ -239,11 +255,13 @@ def statistics(groups: Sequence[Group], tables: dict[str, pd.DataFrame], *, qspe
     ordered = sorted(headers.values(), key=lambda o: o.order)
     id_ref = next((o.dataset for o in ordered if o.role == "id" and o.severity is None), None)
     ood_sets = [o.dataset for o in ordered if o.role == "ood"]
-    comp = gate_ratios(adjust(pd.DataFrame(rows), headline_endpoints(id_ref, ood_sets, scores[0])))
+    heads = headline_endpoints(id_ref, ood_sets, scores[0])
+    comp = gate_ratios(adjust(D.own_family(pd.DataFrame(rows)), heads))
     comp = comp[COLUMNS + EXTRA_COLUMNS]
-    lines = verdicts(comp, id_ref, tables.get("gains"), qspec, ood_sets, scores[0])
-    return Statistics(comp, compact_table(comp, id_ref, ood_sets, scores[0]), _model_edit_notes(tables.get("edits")),
-                      lines, time.perf_counter() - t0)
+    matched = D.matched_rows(comp)  # the verdict and the table read the matched controls; doses are only noted
+    lines = verdicts(matched, id_ref, tables.get("gains"), qspec, ood_sets, scores[0]) + D.notes(comp, heads)
+    return Statistics(comp, compact_table(matched, id_ref, ood_sets, scores[0]),
+                      _model_edit_notes(tables.get("edits")), lines, time.perf_counter() - t0)
 
 
 def _write(out: Path, st: Statistics, config: dict[str, Any], t0: float) -> None:
@@ -286,7 +304,7 @@ def stats_only(args: Any, argv: Sequence[str] | None, t0: float) -> int:
     runs = {k: store.load(k) for k in keys}
     entries = [(r.config.get("edit"), int(r.config.get("seed") or 0), k) for k, r in runs.items()]
     groups = group_runs(entries, lambda k: RunSamples.from_run(runs[k]), config["quant"], config["match"],
-                        config["controls"])
+                        config["controls"], D.plan_from(config.get("dose"), config["controls"], config["quant"]))
     st = statistics(groups, store.merged(keys), qspec=config["quant"], scores=scores, B=B, seed=args.stats_seed,
                     model=str(config.get("model", {}).get("name", "")), progress=_progress())
     st.lines += ablation_features(out, store, groups, B=B, seed=args.stats_seed)  # features.csv, METHODS §4
@@ -312,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.code_version is not None:
         set_code_version(args.code_version)
     grid, B, scores, items, qspec = _validated(args)
+    for note in D.plan_notes(args.match, args.left_out, args.dose_plan):
+        print(note)
     progress = _progress()
     session = Session(grid, progress=progress)
     planned = plan(session)
@@ -336,14 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     # ---- statistics (streamed from the stored samples) and outputs
-    groups = groups_of(planned, Runner(session, store, verbose=False), qspec, args.match, items)
+    groups = groups_of(planned, Runner(session, store, verbose=False), qspec, args.match, items, args.dose_plan)
     st = statistics(groups, summary.tables, qspec=qspec, scores=scores, B=B, seed=args.stats_seed,
                     model=session.loaded.info.name, progress=progress)
     st.lines += ablation_features(out, store, groups, B=B, seed=args.stats_seed)  # features.csv, METHODS §4
     store.link_arrays([k for g in groups for k in g.keys])
     _write(out, st, {"command": "interventions.ablation", "argv": list(sys.argv[1:] if argv is None else argv),
                      "model": session.model_info(), "quant": qspec, "controls": items, "match": args.match,
-                     "seeds": list(grid.seeds), "layers": args.layers, "datasets": args.datasets,
+                     "seeds": list(grid.seeds), "layers": args.layers,
+                     "dose": list(args.dose_plan.doses) if args.dose_plan else None, "datasets": args.datasets,
                      "scores": list(scores), "noise": args.noise, "B": B, "stats_seed": args.stats_seed,
                      "repro_threshold": REPRO, "runs": [t.key for t in planned], "threads": threads(),
                      "code_version": code_version(), "evaluation": fp_suite.describe()}, t0)

@@ -25,7 +25,7 @@ from eval.cli import ArgumentParser, add_model_args, check_device
 from eval.errors import UserError
 from eval.folders import check_out, claim
 from interventions.grid import Grid, Point, expand, parse_seed, parse_seeds
-from interventions.matching import CRITERIA, DEFAULT_QUANT, quantizer
+from interventions.matching import DEFAULT_QUANT, check_criterion, quantizer
 
 DEFAULT_NOISE_SUBSET = 1000  # images per ID set for the noise-robustness rows (keeps the default run ≤ 2 min)
 SPECTRA_AUTO_LIMIT = 20_000_000  # selected parameters × variants above which `--spectra auto` skips spectra
@@ -50,9 +50,10 @@ def common_parser(prog: str, description: str, *, edits: bool = True, batch_size
         p.add_argument("--match-quant", default=None, metavar="SPEC",
                        help="quantizer whose Ŵ defines the controls and their matched strength "
                             f"(default {DEFAULT_QUANT})")
-        p.add_argument("--match", default="fro", choices=CRITERIA,
+        p.add_argument("--match", default="fro",
                        help="matching criterion for a control's free parameter: fro (M1 ‖W′−W‖=‖E‖), output (M2, "
-                            "calibration inputs), stable-rank (M3), none (give the strength explicitly)")
+                            "calibration inputs), stable-rank (M3), none (give the strength explicitly), delta:X "
+                            "(δ target ‖W′−W‖=X·‖W‖, 0 < X <= 1, METHODS §3 e7)")
         seeds = p.add_mutually_exclusive_group()
         seeds.add_argument("--seeds", default="1",
                            help="seeds of stochastic edits: a count N (seeds 0..N−1) or a comma "
@@ -163,6 +164,8 @@ def run(args: Namespace, specs: Sequence[str], command: str, argv: Sequence[str]
     options = eval_options(args)
     if edits and args.match_quant is not None:
         quantizer(args.match_quant)
+    if edits:
+        args.match = check_criterion(args.match)
     layers = getattr(args, "layers", "core")
     parse_selector(layers)
     grid = Grid(experiment="reliability", model=args.model, pretrained=args.pretrained, layers=layers,

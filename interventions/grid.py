@@ -5,7 +5,8 @@ or an ablation is quantizers × controls × matching × seeds × datasets. A poi
 (`interventions.runner`) turns it into a result. Grid keys: experiment, model, pretrained, layers, quant,
 controls (`none` = the quantizer itself, `all` = every family, e5 only when evaluating), edits (explicit edit specs, \
 matched to the first
-quant and match), match, seeds (`N` = seeds 0..N−1, or a list), datasets, include_fp, act (activation
+quant and match), match (fro, output, stable-rank, none, or a δ target delta:X; under a δ target `all` holds
+only the families with a free parameter), seeds (`N` = seeds 0..N−1, or a list), datasets, include_fp, act (activation
 fake-quant of every quantizer point, W·A·), options (evaluator/experiment options), device.
 """
 from __future__ import annotations
@@ -28,10 +29,19 @@ ALL_CONTROLS = (
     "noise:c1", "noise:c2", "noise:c3", "noise:c4", "noise:c5", "clip", "round", "deadzone", "scale", "randproj",
     "randproj:delta", "topdamp", "rotquant", "temperature",
 )
-MATCH_CRITERIA = ("fro", "output", "stable-rank", "none")
+MATCH_CRITERIA = ("fro", "output", "stable-rank", "none", "delta:X")  # delta:X: a δ target, 0 < X <= 1
 EXPERIMENT_NAMES = ("edit", "reliability")
 GRID_KEYS = ("experiment", "model", "pretrained", "layers", "quant", "controls", "edits", "match", "seeds", "datasets",
              "include_fp", "act", "options", "device")
+
+
+def check_match(match: Any) -> str:
+    """A matching criterion (`interventions.matching.check_criterion`), canonical; one-line UserError otherwise."""
+    from interventions.matching import check_criterion
+
+    if not isinstance(match, str):
+        raise UserError(f"unknown matching criterion {match!r}; allowed: {', '.join(MATCH_CRITERIA)}")
+    return check_criterion(match)
 
 
 def _as_tuple(value: Any, what: str) -> tuple:
@@ -191,9 +201,7 @@ class Grid:
     def __post_init__(self) -> None:
         if self.experiment not in EXPERIMENT_NAMES:
             raise UserError(f"unknown experiment {self.experiment!r}; allowed: {', '.join(EXPERIMENT_NAMES)}")
-        for m in self.match:
-            if m not in MATCH_CRITERIA:
-                raise UserError(f"unknown matching criterion {m!r}; allowed: {', '.join(MATCH_CRITERIA)}")
+        object.__setattr__(self, "match", tuple(check_match(m) for m in self.match))  # canonical (delta:X)
         if not self.quant:
             raise UserError("a plan needs at least one quantizer spec (quant)")
         if not self.match:
@@ -278,9 +286,13 @@ class Point:
 
 def control_spec(control: str, quant: str, match: str) -> str:
     """A control family spec with the quantizer and matching criterion it is matched to (`q=`, `match=`)."""
+    from interventions.controls.base import Control, delta_error
+    from interventions.matching import is_delta
     from interventions.registry import parse_edit
 
     edit = parse_edit(control)
+    if is_delta(match) and not isinstance(edit, Control) and hasattr(edit, "with_matching"):
+        raise delta_error(str(edit), match)  # e5 is matched on confidence, not on a strength
     if hasattr(edit, "with_matching"):
         return str(edit.with_matching(quant, match))
     return str(edit)
@@ -297,9 +309,27 @@ def points_of(spec: str, grid: Grid, dataset: str | None, quant: str, match: str
     out = []
     for s in (grid.seeds if edit.stochastic else grid.seeds[:1]):
         name = spec + (f"#s{s}" if edit.stochastic else "") + (f"+{act}" if act else "")
-        out.append(Point(name, family, spec, quant, match if "match=" in spec else None, s if edit.stochastic else 0,
+        own = getattr(edit, "match", None) or match  # an explicit match= in the spec wins (e.g. a dose's delta:X)
+        out.append(Point(name, family, spec, quant, own if "match=" in spec else None, s if edit.stochastic else 0,
                          dataset, edit.stochastic, act))
     return out
+
+
+def takes_match(control: str, match: str) -> bool:
+    """Whether `control` can be run under `match`: every control under M1–M3/none; under a δ target only those with a
+    free parameter (`interventions.controls.base.takes_delta`)."""
+    from interventions.controls.base import takes_delta
+    from interventions.matching import is_delta
+    from interventions.registry import parse_edit
+
+    return not is_delta(match) or takes_delta(parse_edit(control))
+
+
+def left_out_of_all(grid: Grid) -> list[str]:
+    """The families of `all` that a δ target of the grid leaves out (no free parameter), for a note."""
+    if CONTROL_ALL not in grid.controls:
+        return []
+    return [c for c in ALL_CONTROLS if not all(takes_match(c, m) for m in grid.match)]
 
 
 def expand(grid: Grid) -> list[Point]:
@@ -308,10 +338,11 @@ def expand(grid: Grid) -> list[Point]:
 
     datasets: tuple[str | None, ...] = grid.datasets or ((None,) if grid.experiment == "edit" else ("embedded",))
     evaluates = grid.experiment == "reliability"  # `all` holds e5 only where variants are evaluated
-    controls: list[str] = []
+    controls: dict[str, bool] = {}  # control -> whether it came from `all` only
     for c in grid.controls:
         every = [a for a in ALL_CONTROLS if evaluates or not isinstance(parse_edit(a), ModelEdit)]
-        controls.extend(every if c == CONTROL_ALL else (c,))
+        for a in (every if c == CONTROL_ALL else (c,)):
+            controls[a] = controls.get(a, True) and c == CONTROL_ALL
     points: dict[tuple, Point] = {}
     for d in datasets:
         todo: list[Point] = [Point("fp", "fp", None, None, None, 0, d)] if grid.include_fp else []
@@ -320,8 +351,10 @@ def expand(grid: Grid) -> list[Point]:
             todo += points_of(control_spec(e, q0, m0), grid, d, q0, m0)
         for q in grid.quant:
             qs = str(parse_edit(q))
-            for c in dict.fromkeys(controls):
+            for c, from_all in controls.items():
                 for m in grid.match:
+                    if from_all and not takes_match(c, m):
+                        continue  # `all` under a δ target: the families with a free parameter (`left_out_of_all`)
                     spec = qs if c == CONTROL_NONE else control_spec(c, qs, m)
                     todo += points_of(spec, grid, d, qs, m)
         for p in todo:

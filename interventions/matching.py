@@ -8,25 +8,30 @@ linear in it, bisection otherwise) so that number equals Q's:
 - `fro` (M1): ‖W′ − W‖_F = ‖E‖_F;
 - `output` (M2): ‖(W′ − W)Xᵀ‖_F = ‖E Xᵀ‖_F with X the matrix's calibration inputs (`MatrixContext.calib_inputs`);
 - `stable-rank` (M3): stable rank Σσ′²/σ′₁² equal to Ŵ's;
+- `delta:X` (the "δ target" of METHODS §3 e7, 0 < X ≤ 1): ‖W′ − W‖_F = X·‖W‖_F, solved like M1 but with that
+  target instead of ‖E‖_F; its target and achieved values are the relative distortions δ themselves. Q is not
+  needed to set it (a family whose edit is built from E, such as matched noise, still uses Q for its shape);
 - `none`: no matching; the control needs an explicit strength.
+
+The criteria are registered (`CRITERION_KINDS`: what Q or the δ value asks of a matrix, the candidate's value, and
+for the distortion criteria, linear in a step t along a direction, ‖D‖ in the criterion's norm); a `--match` text
+is validated and made canonical by `check_criterion` (`delta:0.050` -> `delta:0.05`).
 
 Achieved vs target is returned with the edited matrix as its edit-report fields (`MATCH_FIELDS`, declared here once
 for every control: `match_target`, `match_achieved`, `match_rel_err`, `match_reached`, …; rank is discrete, so
 `match_discrete` marks the closest achievable value). A matched control is applied with the same selector as its
 quantizer and each matrix's target is Q of that very matrix, so the two touch exactly the same matrices.
-`capture_inputs` collects the M2 inputs X with forward hooks.
+`capture_inputs` (`interventions.capture`) collects the M2 inputs X with forward hooks.
 
 Device: every criterion is evaluated where the weight lives (float64 there, METHODS §3–§4); calibration inputs on
 another device are moved to the weight's, never the reverse. Only the scalar results cross to the host.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import torch
@@ -34,13 +39,15 @@ from jaxtyping import Float
 from torch import Tensor
 
 from eval.errors import UserError
+from interventions.capture import capture_inputs  # noqa: F401  (M2's inputs; importable from here too)
 from interventions.fakequant import QuantGrid
 from interventions.registry import Edit, MatrixContext, parse_edit
 from spectral.metrics import stable_rank
 
-CRITERIA = ("fro", "output", "stable-rank", "none")
 DEFAULT_QUANT = "int4-g128-mse"
 DEFAULT_MATCH = "fro"
+DELTA = "delta"  # the δ-target criterion's name: `delta:X`
+DELTA_RANGE = (0.0, 1.0)  # 0 < X ≤ 1: a relative Frobenius distortion up to 100 %
 CONTINUOUS_RTOL = 1e-3  # acceptance: |achieved − target| / target for continuous families
 # The edits.csv columns of matching, in row order (`match_note` only when there is a note); every control declares them.
 MATCH_FIELDS: tuple[str, ...] = (
@@ -49,11 +56,66 @@ MATCH_FIELDS: tuple[str, ...] = (
 )
 
 
+def _delta_error(text: str) -> UserError:
+    return UserError(f"bad δ target {text!r}: write delta:X with X a number in (0, 1], the relative distortion "
+                     "‖W′−W‖_F/‖W‖_F (e.g. delta:0.05 for 5 %)")
+
+
+def _delta_value(text: str) -> float:
+    """X of `delta:X`, in (0, 1]."""
+    name, sep, arg = text.partition(":")
+    try:
+        v = float(arg)
+    except ValueError:
+        raise _delta_error(text) from None
+    if name.strip() != DELTA or not sep or not (math.isfinite(v) and DELTA_RANGE[0] < v <= DELTA_RANGE[1]):
+        raise _delta_error(text)
+    return v
+
+
+def delta_criterion(delta: float) -> str:
+    """The canonical `delta:X` text of a δ target (12 significant digits, so it round-trips through a spec)."""
+    return check_criterion(f"{DELTA}:{float(delta):.12g}")
+
+
+@lru_cache(maxsize=256)
+def parse_criterion(match: str) -> tuple[CriterionKind, float | None]:
+    """(kind, value) of a criterion text: `fro` -> (fro, None), `delta:0.05` -> (delta, 0.05); UserError otherwise."""
+    name = match.partition(":")[0].strip() if isinstance(match, str) else match
+    kind = CRITERION_KINDS.get(name) if isinstance(name, str) else None
+    if kind is None:
+        raise UserError(f"unknown match criterion {match!r}; allowed: {CRITERIA_HELP}")
+    if kind.takes_value:
+        return kind, _delta_value(match.strip())
+    if match.strip() != name:
+        raise UserError(f"match criterion {name!r} takes no value, got {match!r}; allowed: {CRITERIA_HELP}")
+    return kind, None
+
+
 def check_criterion(match: str) -> str:
-    """Validate a --match value."""
-    if match not in CRITERIA:
-        raise UserError(f"unknown match criterion {match!r}; allowed: {', '.join(CRITERIA)}")
-    return match
+    """Validate a --match value (or a spec's `match=`) and return its canonical text (`delta:0.050` -> `delta:0.05`)."""
+    kind, value = parse_criterion(match)
+    return kind.name if value is None else f"{kind.name}:{value:.12g}"
+
+
+def is_delta(match: str | None) -> bool:
+    """Whether `match` is a δ target (`delta:X`)."""
+    return isinstance(match, str) and match.partition(":")[0].strip() == DELTA
+
+
+def delta_of(match: str | None) -> float | None:
+    """X of a δ target `delta:X`, None for any other criterion."""
+    return parse_criterion(match)[1] if is_delta(match) else None
+
+
+def criterion_uses_quant(match: str) -> bool:
+    """Whether the criterion's target is defined by the quantizer (every criterion but a δ target and none)."""
+    return parse_criterion(match)[0].uses_quant
+
+
+def linear(match: str) -> bool:
+    """Whether the criterion is a (weighted) norm of W′ − W, so W + t·D meets it in closed form (fro, output, δ)."""
+    return parse_criterion(match)[0].norm is not None
 
 
 def quantizer(spec: str, what: str = "--match-quant") -> Edit:
@@ -128,31 +190,85 @@ def _calib(ctx: MatrixContext) -> Float[Tensor, "n in"]:
     return ctx.calib_inputs
 
 
+def _one(t: Tensor) -> float:
+    return 1.0
+
+
+@dataclass(frozen=True)
+class CriterionKind:
+    """One matching criterion. A distortion criterion (`norm` set) is ‖W′ − W‖ in its norm divided by `unit(W)`
+    (1, or ‖W‖_F for a δ target; `unit` of σ gives the same, ‖W‖_F = ‖σ‖), so W + t·D meets it in closed form;
+    another criterion gives the candidate's value by `value(W′)` (from W′'s singular values in σ-space)."""
+
+    name: str
+    help: str
+    target: Callable[[QuantRef, float | None], float]  # what this matrix must achieve (Q's value, or the δ itself)
+    norm: Callable[[Tensor, MatrixContext], float] | None = None  # ‖D‖ of a distortion criterion (absolute)
+    unit: Callable[[Tensor], float] = _one
+    value: Callable[[Tensor], float] | None = None  # a non-distortion criterion's value from σ′
+    takes_value: bool = False  # written NAME:X
+    uses_quant: bool = True  # the target is defined by Q
+
+
+CRITERION_KINDS: dict[str, CriterionKind] = {}
+
+
+def register_criterion(kind: CriterionKind) -> CriterionKind:
+    if kind.name in CRITERION_KINDS:
+        raise ValueError(f"criterion {kind.name!r} registered twice")
+    CRITERION_KINDS[kind.name] = kind
+    return kind
+
+
+register_criterion(CriterionKind("fro", "M1 ‖W′−W‖_F = ‖E‖_F", lambda ref, _: ref.e_norm,
+                                 norm=lambda d, ctx: frob(d)))
+register_criterion(CriterionKind("output", "M2 ‖(W′−W)Xᵀ‖_F = ‖EXᵀ‖_F (calibration inputs)",
+                                 lambda ref, _: output_norm(ref.e, _calib(ref.ctx)),
+                                 norm=lambda d, ctx: output_norm(d, _calib(ctx))))
+register_criterion(CriterionKind("stable-rank", "M3 stable rank of W′ = Ŵ's",
+                                 lambda ref, _: _stable_rank(ref.ctx.svd(ref.w_hat).S),
+                                 value=lambda s: _stable_rank(s.abs())))
+register_criterion(CriterionKind(DELTA, "δ target ‖W′−W‖_F = X·‖W‖_F (METHODS §3 e7)", lambda ref, x: float(x),
+                                 norm=lambda d, ctx: frob(d), unit=frob, takes_value=True, uses_quant=False))
+register_criterion(CriterionKind("none", "no matching: the strength is given explicitly", lambda ref, _: math.nan,
+                                 uses_quant=False))
+CRITERIA: tuple[str, ...] = tuple(CRITERION_KINDS)
+CRITERIA_HELP = "fro, output, stable-rank, none, or delta:X with 0 < X <= 1 (e.g. delta:0.05)"
+
+
 def target_of(criterion: str, ref: QuantRef) -> float:
-    """What Q achieves on this matrix under `criterion`."""
-    if criterion == "fro":
-        return ref.e_norm
-    if criterion == "output":
-        return output_norm(ref.e, _calib(ref.ctx))
-    if criterion == "stable-rank":
-        return _stable_rank(ref.ctx.svd(ref.w_hat).S)
-    raise ValueError(criterion)
+    """What this matrix must achieve under `criterion`: Q's value (M1–M3), or X itself for a δ target."""
+    kind, value = parse_criterion(criterion)
+    return kind.target(ref, value)
 
 
 def measure(criterion: str, w: Float[Tensor, "out in"], w_new: Float[Tensor, "out in"], ctx: MatrixContext) -> float:
     """The criterion's value for a candidate W′ (computed from the matrices themselves)."""
-    if criterion == "fro":
-        return frob(w_new - w)
-    if criterion == "output":
-        return output_norm(w_new - w, _calib(ctx))
-    if criterion == "stable-rank":
-        return _stable_rank(torch.linalg.svdvals(w_new.to(torch.float64)))
+    kind, _ = parse_criterion(criterion)
+    if kind.norm is not None:
+        return kind.norm(w_new - w, ctx) / kind.unit(w)
+    if kind.value is not None:
+        return kind.value(torch.linalg.svdvals(w_new.to(torch.float64)))
     raise ValueError(criterion)
 
 
+def direction_measure(criterion: str, w: Float[Tensor, "out in"], d: Float[Tensor, "out in"],
+                      ctx: MatrixContext) -> float:
+    """A distortion criterion's value of W + D, from D itself (‖D‖ / unit(W)): W + t·D has t times this."""
+    kind, _ = parse_criterion(criterion)
+    if kind.norm is None:
+        raise ValueError(f"{criterion} is not a distortion criterion")
+    return kind.norm(d, ctx) / kind.unit(w)
+
+
+def spectral_unit(criterion: str, s: Float[Tensor, " r"]) -> float:
+    """The divisor of a distortion criterion from W's singular values (‖W‖_F = ‖σ‖ for a δ target, else 1)."""
+    return parse_criterion(criterion)[0].unit(s)
+
+
 def spectral_weights(criterion: str, ctx: MatrixContext, vh: Float[Tensor, "r n"]) -> Tensor | None:
-    """Per-direction weights c_i so that a same-basis edit has ‖ΔW Xᵀ‖² = Σ c_i (σ′_i − σ_i)² (c ≡ 1 for fro)."""
-    if criterion == "output":
+    """Per-direction weights c_i so that a same-basis edit has ‖ΔW Xᵀ‖² = Σ c_i (σ′_i − σ_i)² (c ≡ 1 for fro, δ)."""
+    if parse_criterion(criterion)[0].name == "output":
         x = _calib(ctx).to(device=vh.device, dtype=torch.float64)
         return (x @ vh.T).pow(2).sum(0)
     return None
@@ -162,11 +278,12 @@ def spectral_measure(
     criterion: str, s: Float[Tensor, " r"], s_new: Float[Tensor, " r"], c: Tensor | None = None,
 ) -> float:
     """The criterion for W′ = U diag(σ′) Vᵀ evaluated in σ-space (exact: same singular basis as W)."""
-    if criterion in ("fro", "output"):
+    kind, _ = parse_criterion(criterion)
+    if kind.norm is not None:
         d2 = (s_new - s).pow(2)
-        return math.sqrt(float((d2 * c).sum().item() if c is not None else d2.sum().item()))
-    if criterion == "stable-rank":
-        return _stable_rank(s_new.abs())
+        return math.sqrt(float((d2 * c).sum().item() if c is not None else d2.sum().item())) / kind.unit(s)
+    if kind.value is not None:
+        return kind.value(s_new)
     raise ValueError(criterion)
 
 
@@ -225,11 +342,11 @@ class MatchResult:
 
 def match_along(w: Float[Tensor, "out in"], d: Float[Tensor, "out in"], criterion: str, ref: QuantRef,
                 ctx: MatrixContext, quant: str, param: str, hi: float = 4.0) -> tuple[Tensor, dict[str, Any]]:
-    """W′ = W + t·D with t solved so that W′ meets Q's target: closed form for M1/M2 (both linear in t), bisection on
+    """W′ = W + t·D with t solved so that W′ meets the target: closed form for M1/M2/δ (linear in t), bisection on
     t ∈ [0, hi] for M3. Returns W′ and its match fields (used by matched noise c1–c4 and the δ-matched e2δ)."""
     target = target_of(criterion, ref)
-    if criterion in ("fro", "output"):
-        base = frob(d) if criterion == "fro" else output_norm(d, _calib(ctx))
+    if linear(criterion):
+        base = direction_measure(criterion, w, d, ctx)
         t = target / base if base > 0 else 0.0
     else:
         t, _ = bisect(lambda x: measure(criterion, w, w + x * d, ctx), target, 0.0, hi, rtol=1e-5, maxiter=60)
@@ -267,118 +384,7 @@ def match_summary(rows: list[dict[str, Any]]) -> str:
     unreached = sum(1 for r in matched if not r.get("match_reached", True))
     crit, quant = matched[0]["match"], matched[0]["match_quant"]
     kind = "discrete rank: closest achievable" if discrete else f"continuous, tolerance {CONTINUOUS_RTOL:g}"
-    return (f"matching {crit} to {quant} on {len(matched)} matrices ({kind}): |achieved-target|/target "
+    what = f"to the δ target {delta_of(crit):g}" if is_delta(crit) else f"{crit} to {quant}"
+    return (f"matching {what} on {len(matched)} matrices ({kind}): |achieved-target|/target "
             f"median {errs[len(errs) // 2]:.2e} max {errs[-1]:.2e}"
             + (f"; {unreached} unreachable (see match_note)" if unreached else ""))
-
-
-# ----------------------------------------------------------------------------- M2: calibration inputs
-class _MatmulCapture(torch.overrides.TorchFunctionMode):
-    """Record X of `X @ P` for the projections used as bare matrices (visual.proj, text_projection)."""
-
-    def __init__(self, record: Callable[[int, Tensor], None], watched: set[int]):
-        super().__init__()
-        self.record, self.watched = record, watched
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) and len(args) == 2:
-            x, w = args
-            if isinstance(w, Tensor) and w.ndim == 2 and w.data_ptr() in self.watched:
-                self.record(w.data_ptr(), x)
-        return func(*args, **(kwargs or {}))
-
-
-def _mha_without_out_proj(mha: torch.nn.MultiheadAttention) -> torch.nn.MultiheadAttention:
-    """A copy of `mha` whose out_proj is the identity: its output is exactly out_proj's input."""
-    twin = copy.deepcopy(mha)
-    twin._forward_pre_hooks.clear()
-    twin._forward_hooks.clear()
-    with torch.no_grad():
-        twin.out_proj.weight.copy_(torch.eye(mha.embed_dim))
-        if twin.out_proj.bias is not None:
-            twin.out_proj.bias.zero_()
-    return twin
-
-
-@torch.no_grad()
-def capture_inputs(
-    model: torch.nn.Module,
-    views: list[Any],
-    images: Float[Tensor, "n c h w"] | None = None,
-    tokens: Tensor | None = None,
-    *,
-    max_rows: int = 1024,
-    seed: int = 0,
-) -> dict[str, Tensor]:
-    """Inputs X [rows, in] of each selected matrix over calibration images (vision) and prompts (text), for M2.
-
-    Captured with forward hooks: nn.Linear inputs; nn.MultiheadAttention's input (q/k/v share it) and its
-    out_proj input (recomputed by a twin whose out_proj is the identity, since the fused attention never calls
-    out_proj's forward); `x @ P` projections by a torch-function mode. Rows are token vectors (text padding
-    dropped), subsampled to at most `max_rows` per matrix.
-    """
-    modules = dict(model.named_modules())
-    store: dict[int, list[Tensor]] = {}
-    state: dict[str, Tensor | None] = {"mask": None}
-
-    def record(key: int, x: Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1])
-        mask = state["mask"]
-        if mask is not None and rows.shape[0] == mask.numel():
-            rows = rows[mask]
-        store.setdefault(key, []).append(rows.float().cpu())
-
-    hooks, watched_mm, seen = [], set(), set()
-    try:
-        for v in views:
-            key = v.param.data_ptr()
-            if key in seen:  # q, k, v slices of one in_proj share its input
-                continue
-            seen.add(key)
-            owner, _, leaf = v.param_name.rpartition(".")
-            mod = modules.get(owner)
-            if v.kind in ("patch_embed", "embed") or (mod is None and not v.transpose):
-                raise UserError(f"--match output supports linear maps only; exclude {v.name} from --layers")
-            if v.transpose or mod is None:
-                watched_mm.add(key)
-            elif isinstance(mod, torch.nn.MultiheadAttention) and leaf == "in_proj_weight":
-                def pre(m, args, kwargs, key=key):  # noqa: ANN001
-                    record(key, args[0] if args else kwargs["query"])
-
-                hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-            elif (isinstance(modules.get(owner.rpartition(".")[0]), torch.nn.MultiheadAttention)
-                  and owner.endswith("out_proj")):
-                parent = modules[owner.rpartition(".")[0]]
-                twin = _mha_without_out_proj(parent)
-
-                def hook(m, args, kwargs, key=key, twin=twin):
-                    record(key, twin(*args, **kwargs)[0])
-
-                hooks.append(parent.register_forward_pre_hook(hook, with_kwargs=True))
-            else:
-                hooks.append(mod.register_forward_pre_hook(lambda m, args, key=key: record(key, args[0])))
-        mode = _MatmulCapture(record, watched_mm) if watched_mm else contextlib.nullcontext()
-        with mode:
-            if images is not None and any(v.tower == "visual" for v in views):
-                model.encode_image(images)
-            if tokens is not None and any(v.tower == "text" for v in views):
-                state["mask"] = (tokens != 0).reshape(-1)
-                model.encode_text(tokens)
-    finally:
-        for h in hooks:
-            h.remove()
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, Tensor] = {}
-    for v in views:
-        chunks = store.get(v.param.data_ptr())
-        if not chunks:
-            raise UserError(f"no calibration inputs reached {v.name}; "
-                            "--match output needs images/prompts for its tower")
-        x = torch.cat(chunks)
-        width = v.shape[1]
-        if x.shape[1] != width:
-            raise UserError(f"captured inputs of {v.name} have width {x.shape[1]}, expected {width}")
-        if x.shape[0] > max_rows:
-            x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows]]
-        out[v.name] = x
-    return out

@@ -27,7 +27,16 @@ from eval.folders import check_out, claim
 from eval.version import set_code_version
 from interventions.backends import add_backend_args, backend_from_args, failed_line
 from interventions.cli import add_eval_options, eval_options
-from interventions.grid import CONTROL_ALL, CONTROL_NONE, EXPERIMENT_NAMES, MATCH_CRITERIA, Grid, load_grid, parse_seeds
+from interventions.grid import (
+    CONTROL_ALL,
+    CONTROL_NONE,
+    EXPERIMENT_NAMES,
+    MATCH_CRITERIA,
+    Grid,
+    left_out_of_all,
+    load_grid,
+    parse_seeds,
+)
 from interventions.runner import EXPERIMENTS, plan, run_plan
 from interventions.session import Session
 from interventions.store import ResultsStore, Shard
@@ -85,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         set_code_version(args.code_version)
     grid = grid_from_args(args)
     check_device(grid.device)
+    left = left_out_of_all(grid)
+    if left:
+        print(f"note: 'all' under a δ target leaves out the families without a free parameter: {', '.join(left)}")
     session = Session(grid, progress=not os.environ.get("TQDM_DISABLE"))
     if args.list:
         planned = plan(session)

@@ -2,9 +2,14 @@
 
 Spec grammar: `FAMILY[:ARG[,ARG...]]`, each ARG a bare value/mode or `key=value`. Two keys are common to
 every control that needs the quantized reference: `q=QUANT` (the quantizer that defines Ŵ and E; default
-`int4-g128-mse`, the CLIs' `--match-quant`) and `match=fro|output|stable-rank|none` (the matching criterion
-for the free parameter; default `fro`, the CLIs' `--match`). `str(control)` gives the full spec back with
-the resolved `q`/`match`, so a variant name says exactly what was matched to what.
+`int4-g128-mse`, the CLIs' `--match-quant`) and `match=fro|output|stable-rank|none|delta:X` (the matching
+criterion for the free parameter; default `fro`, the CLIs' `--match`). `str(control)` gives the full spec back with
+the resolved `q`/`match`, so a variant name says exactly what was matched to what; under a δ target
+(`match=delta:0.05`, METHODS §3 e7) `q=` is printed only where the edit still uses Q (matched noise: E's shape).
+
+δ targets: only a control whose free parameter is solved by matching can be set to one (`takes_delta`); asking it
+of one without (transplants, clip/round/deadzone, scale, rotquant, c5, the rank-matched e2, a fixed strength) is a
+one-line UserError naming it (`delta_error`).
 
 Report fields: a control's `edit` returns `Edited(W′, fields)` with its family's own fields (declared in its
 `report_fields`) and, when matched, `MatchResult.fields()`; the match columns (`MATCH_FIELDS`) are declared once
@@ -29,10 +34,26 @@ from interventions.matching import (
     MATCH_FIELDS,
     QuantRef,
     check_criterion,
+    criterion_uses_quant,
+    is_delta,
     quantizer,
     reference_fields,
 )
 from interventions.registry import Edit, Edited, MatrixContext
+
+DELTA_FAMILIES = "lowrank, damping:tikhonov|soft|tail, noise:c1|c1-uniform|c1-group|c1-rel|c2|c3|c4, " \
+                 "randproj:delta, topdamp"
+
+
+def delta_error(name: str, match: str) -> UserError:
+    """The one-line error for a δ target asked of an edit that has no free parameter to set."""
+    return UserError(f"{name} cannot be set to a δ target ({match}): it has no free parameter (its strength is "
+                     f"fixed by the quantizer or given explicitly); δ targets apply to {DELTA_FAMILIES}")
+
+
+def takes_delta(edit: object) -> bool:
+    """Whether `edit` (a control spec's edit) can be set to a δ target."""
+    return isinstance(edit, Control) and edit.takes_delta()
 
 
 @lru_cache(maxsize=64)
@@ -115,9 +136,12 @@ class Control(Edit):
 
     def __post_init__(self) -> None:
         if self.match is not None:
-            check_criterion(self.match)
+            object.__setattr__(self, "match", check_criterion(self.match))  # canonical: delta:0.050 -> delta:0.05
         if self.quant is not None:
             cached_quantizer(self.quant)  # validate now: a bad quantizer spec is a user error before any work
+        if is_delta(self.match) and not self.takes_delta():
+            raise delta_error(self.family + "".join(f"{':' if i == 0 else ','}{a}" for i, a in enumerate(self.args())),
+                              self.criterion)
 
     @property
     def q_spec(self) -> str:
@@ -131,8 +155,12 @@ class Control(Edit):
         """Whether the free parameter is solved by matching (False when the user fixed it, or no free parameter)."""
         return False
 
+    def takes_delta(self) -> bool:
+        """Whether a δ target can set this control's strength (its free parameter is solved by matching)."""
+        return self.matched()
+
     def uses_quant(self) -> bool:
-        return self.needs_quant or self.matched()
+        return self.needs_quant or (self.matched() and criterion_uses_quant(self.criterion))
 
     def with_matching(self, quant: str | None, match: str | None) -> Control:
         """Fill in the quantizer / criterion the spec left open (explicit spec keys win)."""
@@ -164,6 +192,8 @@ class Control(Edit):
         if self.uses_quant() and "match_target" not in fields:
             crit = self.criterion if self.matched() else "fro"
             fields.update(reference_fields(crit, ref, w, out.weight, ctx, self.q_spec))
+        if not self.uses_quant() and "match_quant" in fields:
+            fields["match_quant"] = ""  # a δ target: Q played no part
         return Edited(out.weight.to(torch.float32), fields)
 
     def edit(self, w: Float[Tensor, "out in"], ctx: MatrixContext, ref: QuantRef) -> Edited:

@@ -8,7 +8,8 @@ Specs (`damping:MODE[=VALUE][@RHO]`):
 - `damping:residual`   b3's exact complement W + R, R = Ŵ − W_G ("everything but damping");
 - `damping:tikhonov[=τ]` σ′ = σ·σ²/(σ² + τ²); `damping:soft[=τ]` σ′ = max(σ − τ, 0) (τ as a fraction of σ₁);
 - `damping:tail[=γ][@ρ]` σ′_i = γσ_i for i > ⌈ρr⌉ (ρ default 0.5).
-b4 without a value has τ or γ matched to Q (`match=`, default M1) by bisection in σ-space.
+b4 without a value has τ or γ matched to Q (`match=`, default M1) by bisection in σ-space, or set to a δ target
+(`match=delta:X`, METHODS §3 e7; a target beyond the family's range is flagged `match_reached` = False).
 Report fields: b3's gain summaries (`gain_mean/head/tail/min`: nan-aware over the NaN-guarded g of `spectral.gains`,
 head/tail = first/last tenth of i), `tail_start` (0-based start of the scaled tail), and the match fields.
 """
@@ -25,7 +26,15 @@ from torch import Tensor
 
 from eval.errors import UserError
 from interventions.controls.base import Control, parse_float, reconstruct, split_spec
-from interventions.matching import MatchResult, QuantRef, bisect, spectral_measure, spectral_weights, target_of
+from interventions.matching import (
+    MatchResult,
+    QuantRef,
+    bisect,
+    criterion_uses_quant,
+    spectral_measure,
+    spectral_weights,
+    target_of,
+)
 from interventions.registry import Edited, MatrixContext, register_edit
 from spectral.gains import fp_basis_projections, gains_from_projections
 from spectral.svd import SVDFactors
@@ -128,7 +137,7 @@ class Damping(Control):
         return self.mode in SHRINKS and self.value is None
 
     def uses_quant(self) -> bool:
-        return self.mode in TRANSPLANTS or self.matched()
+        return self.mode in TRANSPLANTS or (self.matched() and criterion_uses_quant(self.criterion))
 
     def args(self) -> list[str]:
         a = self.mode + (f"={self.value:g}" if self.value is not None else "")

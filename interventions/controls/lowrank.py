@@ -2,8 +2,9 @@
 
 Specs: `lowrank:0.5` (rank fraction ρ, k = ⌈ρ·r⌉), `lowrank:rank=64`, `lowrank:energy=0.9` (smallest k keeping
 that fraction of Σσ²), or bare `lowrank` = k matched to Q: under M1 the smallest k with Σ_{i>k} σ_i² ≤ ‖E‖²,
-under M2 the same with output weights, under M3 the smallest k whose stable rank reaches Ŵ's. Rank is
-discrete, so the report says how close the achieved value got.
+under M2 the same with output weights, under M3 the smallest k whose stable rank reaches Ŵ's; under a δ target
+(`match=delta:X`) the smallest k with Σ_{i>k} σ_i² ≤ X²·‖W‖². Rank is discrete, so the report says how close the
+achieved value got (`match_achieved_rank_minus_1`: the value at k − 1, on the other side of the target).
 """
 from __future__ import annotations
 
@@ -17,7 +18,14 @@ from torch import Tensor
 
 from eval.errors import UserError
 from interventions.controls.base import Control, parse_float, parse_int, split_spec
-from interventions.matching import MatchResult, QuantRef, spectral_weights, target_of
+from interventions.matching import (
+    MatchResult,
+    QuantRef,
+    linear,
+    spectral_unit,
+    spectral_weights,
+    target_of,
+)
 from interventions.registry import Edited, MatrixContext, register_edit
 from spectral.svd import SVDFactors
 
@@ -37,16 +45,16 @@ def matched_rank(criterion: str, f: SVDFactors, ref: QuantRef, ctx: MatrixContex
     s = f.S
     r = s.numel()
     target = target_of(criterion, ref)
-    if criterion in ("fro", "output"):
+    if linear(criterion):
         c = spectral_weights(criterion, ctx, f.Vh)
         e2 = s.pow(2) * (c if c is not None else 1.0)
         tail = torch.flip(torch.cumsum(torch.flip(e2, [0]), 0), [0])  # tail[i] = Σ_{j≥i} (0-based) = error of k=i
-        tail = torch.cat([tail, tail.new_zeros(1)])
-        ok = (tail.sqrt() <= target * (1 + 1e-12)).nonzero()
+        tail = torch.cat([tail, tail.new_zeros(1)]).sqrt() / spectral_unit(criterion, s)  # the criterion's value
+        ok = (tail <= target * (1 + 1e-12)).nonzero()
         k = max(int(ok.min().item()), 1) if ok.numel() else r
-        achieved = math.sqrt(float(tail[k].item()))
+        achieved = float(tail[k].item())
         # rank is discrete: k − 1 would overshoot the target by this much (how close the family can get)
-        prev = math.sqrt(float(tail[k - 1].item())) if k > 1 else math.nan
+        prev = float(tail[k - 1].item()) if k > 1 else math.nan
         return MatchResult(criterion, str(ref.quant), "rank", float(k), target, achieved, discrete=True,
                            extra={"rank": k, "rank_frac": k / r, "match_achieved_rank_minus_1": prev})
     sr = torch.cumsum(s.pow(2), 0) / s[0].pow(2).clamp_min(1e-300)  # stable rank of W_k, increasing in k

@@ -4,7 +4,8 @@ Q's (≈5× on the embedded default), so it is no evidence by itself (METHODS §
 W′ = W + t·(W·P·Pᵀ − W) with t matched to Q (M1 by default), a δ-matched negative control.
 
 Specs: `randproj` (k = the low-rank control's k matched to Q by `match=`), `randproj:0.5` (k = ⌈ρ·r⌉),
-`randproj:rank=64`, `randproj:delta` (e2δ: the matched k, then t matched to Q).
+`randproj:rank=64`, `randproj:delta` (e2δ: the matched k, then t matched to Q). Under a δ target
+(`randproj:delta,match=delta:X`, METHODS §3 e7) k is still (a)'s under M1 and t is set so that δ = X.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from eval.errors import UserError
 from interventions.controls.base import Control, parse_float, parse_int, split_spec
 from interventions.controls.lowrank import matched_rank, rank_from_fraction
 from interventions.controls.noise import haar_orthonormal
-from interventions.matching import QuantRef, match_along
+from interventions.matching import QuantRef, criterion_uses_quant, is_delta, match_along
 from interventions.registry import Edited, MatrixContext, register_edit
 
 
@@ -57,6 +58,13 @@ class RandomProjection(Control):
     def matched(self) -> bool:
         return self.scaled or (self.frac is None and self.rank is None)
 
+    def takes_delta(self) -> bool:
+        return self.scaled  # e2δ's t; e2 itself has no free parameter (its δ is whatever the projection gives)
+
+    def uses_quant(self) -> bool:
+        k_from_q = self.frac is None and self.rank is None
+        return k_from_q or (self.scaled and criterion_uses_quant(self.criterion))
+
     def args(self) -> list[str]:
         if self.frac is not None:
             args = [f"{self.frac:g}"]
@@ -71,7 +79,10 @@ class RandomProjection(Control):
         elif self.rank is not None:
             k = min(self.rank, r)
         else:
-            k = int(matched_rank(self.criterion, ctx.svd(w), ref, ctx).value)  # k from (a)
+            # k from (a) matched to Q; under a δ target (a dose of e2δ) from (a) under M1, so every dose moves along
+            # the same direction W·P·Pᵀ − W and only t changes
+            crit = "fro" if is_delta(self.criterion) else self.criterion
+            k = int(matched_rank(crit, ctx.svd(w), ref, ctx).value)
         p = haar_orthonormal(w.shape[1], k, ctx.generator(salt="randproj"), w.device)
         proj = random_projection(w, p)
         fields = {"rank": k, "rank_frac": k / r}

@@ -25,7 +25,7 @@ COLUMNS = ["model", "dataset", "metric", "score", "severity", "variant", "family
            "coverage", "delta_median", "delta_max", "n", "value_fp", "value_v", "diff", "ci_lo", "ci_hi", "test",
            "statistic", "p", "p_adj", "family_id", "effect_size", "repro_ratio", "repro_lo", "repro_hi", "tost"]
 EXTRA_COLUMNS = ["control", "role", "b", "c", "seed_sd", "adj_method", "tost_p", "B", "fieller_lo", "fieller_hi",
-                 "fieller", "delta_ratio"]
+                 "fieller", "delta_ratio", "dose"]
 RATIO_COLUMNS = ("repro_ratio", "repro_lo", "repro_hi", "fieller_lo", "fieller_hi")
 SIGNIFICANT = 0.05  # the quantizer's effect must survive the correction (p_adj < 0.05) for a ratio to be reported
 PRIMARY = "primary"
@@ -43,6 +43,7 @@ class Group:
     match: str | None
     seeds: list[Any] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    dose: float = float("nan")  # the δ target of a dose run (METHODS §3 e7); NaN for every other group
 
     def runs(self) -> list[RunSamples]:
         return [s if isinstance(s, RunSamples) else RunSamples.from_outputs(f"{self.spec}#{i}", s)
@@ -206,7 +207,7 @@ def _records(ep: Endpoint, groups: Sequence[Group], res: Sequence[S.Resampled], 
             "control": g.control, "role": ep.role, "b": b, "c": c, "seed_sd": pr.seed_sd,
             "adj_method": "", "tost_p": np.nan if tost is None else tost.p, "B": B,
             "fieller_lo": ratio.fieller_lo, "fieller_hi": ratio.fieller_hi, "fieller": ratio.fieller,
-            "delta_ratio": delta_ratio(es.get("delta_median", np.nan), dq),
+            "delta_ratio": delta_ratio(es.get("delta_median", np.nan), dq), "dose": g.dose,
         })
     return out
 
