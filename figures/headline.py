@@ -111,11 +111,11 @@ def endpoint_keys(comp: pd.DataFrame) -> list[tuple[str, str, str]]:
     """The pre-registered endpoints (dataset, metric, score): the Holm family `primary` of comparisons.csv where
     it has one; else the verdict's headline endpoints from the rows' roles; else every endpoint without severity."""
     base = comp[comp["severity"].isna()] if "severity" in comp.columns else comp
-    score = base["score"].fillna("").astype(str)
+    score = base["score"].astype(object).fillna("").astype(str)
     keys = list(dict.fromkeys(zip(base["dataset"], base["metric"], score)))
     if "family_id" in base.columns and (base["family_id"] == "primary").any():
         p = base[base["family_id"] == "primary"]
-        return list(dict.fromkeys(zip(p["dataset"], p["metric"], p["score"].fillna("").astype(str))))
+        return list(dict.fromkeys(zip(p["dataset"], p["metric"], p["score"].astype(object).fillna("").astype(str))))
     if "role" in base.columns:
         ids = [d for d in dict.fromkeys(base.loc[base["role"] == "id", "dataset"])]
         oods = list(dict.fromkeys(base.loc[base["role"] == "ood", "dataset"]))
@@ -140,7 +140,7 @@ def headline(comp: pd.DataFrame) -> list[Endpoint]:
     out = []
     if "dose" in comp.columns:
         comp = comp[~np.isfinite(pd.to_numeric(comp["dose"], errors="coerce").to_numpy(dtype=float))]
-    score = comp["score"].fillna("").astype(str)
+    score = comp["score"].astype(object).fillna("").astype(str)
     sev = comp["severity"].isna() if "severity" in comp.columns else pd.Series(True, index=comp.index)
     for q in quantizers(comp):
         mine = (comp["variant"] == q) | (comp["quant"] == q)

@@ -169,7 +169,7 @@ def ablation_lines(folder: Path, pick: Pick) -> list[str]:
     """What a finished ablation in `folder` says about the effect that picked its quantizer: the quantizer's and each
     control's Δ on that endpoint (from its comparisons.csv), then its verdict lines (verdict.txt)."""
     comp = pd.read_csv(folder / "comparisons.csv", keep_default_na=True)
-    comp["score"] = comp["score"].fillna("")
+    comp["score"] = comp["score"].astype(object).fillna("")
     names = [endpoint_name(d, m, s, v) for d, m, s, v in
              zip(comp["dataset"], comp["metric"], comp["score"], comp["severity"].astype(float))]
     sub = comp[[n == pick.endpoint for n in names]]
