@@ -36,9 +36,9 @@ from eval.atomic import write_frame, write_json, write_text
 from eval.cli import ArgumentParser, add_model_args, check_device, cli_main
 from eval.errors import UserError
 from eval.folders import check_out, claim
-from eval.version import code_version, set_code_version
+from eval.version import code_version
 from interventions import dose as D
-from interventions.backends import add_backend_args, backend_from_args, failed_line
+from interventions.backends import add_backend_args, command_setup, failed_line
 from interventions.cli import add_eval_options, eval_options
 from interventions.grid import ALL_CONTROLS, MATCH_CRITERIA, Grid, check_match, control_spec, parse_seeds
 from interventions.idfeatures import OPTION as ID_FEATURES
@@ -58,7 +58,7 @@ from interventions.referee.tables import compact_table
 from interventions.referee.verdict import REPRO, headline_endpoints, verdicts
 from interventions.runner import Planned, Runner, plan, run_plan
 from interventions.session import Session
-from interventions.store import ResultsStore, Shard
+from interventions.store import ResultsStore
 from interventions.threads import threads
 
 DEFAULT_QUANT = "int4-g128-mse"
@@ -324,11 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.stats_only:
         return stats_only(args, argv, t0)
-    shard = Shard.parse(args.shard)
-    backend = backend_from_args(args)
-    out = check_out(args.out)
-    if args.code_version is not None:
-        set_code_version(args.code_version)
+    shard, backend, out = command_setup(args)
     grid, B, scores, items, qspec = _validated(args)
     for note in D.plan_notes(args.match, args.left_out, args.dose_plan):
         print(note)

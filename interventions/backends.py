@@ -282,3 +282,18 @@ def backend_from_args(args: Any) -> Serial | RayBackend:
     if given:
         raise UserError(f"{', '.join(given)} only apply with --backend ray (got --backend {args.backend})")
     return Serial()
+
+
+def command_setup(args: Any) -> tuple[Any, Serial | RayBackend, Any]:
+    """The start every plan command (sweep, ablation, scan) shares, checked before any work: (shard, backend, out
+    folder), and the pinned code version of the run keys when `--code-version` is given."""
+    from eval.folders import check_out
+    from eval.version import set_code_version
+    from interventions.store import Shard
+
+    shard = Shard.parse(args.shard)
+    backend = backend_from_args(args)
+    out = check_out(args.out)
+    if args.code_version is not None:
+        set_code_version(args.code_version)
+    return shard, backend, out

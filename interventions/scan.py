@@ -30,10 +30,10 @@ from eval import stats as S
 from eval.atomic import write_frame, write_json, write_text
 from eval.cli import ArgumentParser, add_model_args, check_device, cli_main
 from eval.errors import UserError
-from eval.folders import check_out, claim
-from eval.version import code_version, set_code_version
+from eval.folders import claim
+from eval.version import code_version
 from interventions.actquant import SEED_SETTINGS
-from interventions.backends import add_backend_args, backend_from_args, failed_line
+from interventions.backends import add_backend_args, command_setup, failed_line
 from interventions.cli import add_eval_options, eval_options
 from interventions.grid import Grid, Point, expand, points_of
 from interventions.idfeatures import OPTION as ID_FEATURES
@@ -45,7 +45,7 @@ from interventions.referee.features import write_features
 from interventions.referee.persample import RunSamples
 from interventions.runner import Runner, plan, run_plan
 from interventions.session import Session
-from interventions.store import ResultsStore, Shard
+from interventions.store import ResultsStore
 from interventions.threads import threads
 
 COMMAND = "python -m interventions.scan"
@@ -226,11 +226,7 @@ def then_ablate(args: Any, out: Path, scan: pd.DataFrame, ablatable: Sequence[st
 def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     args = _parser().parse_args(argv)
-    shard = Shard.parse(args.shard)
-    backend = backend_from_args(args)
-    out = check_out(args.out)
-    if args.code_version is not None:
-        set_code_version(args.code_version)
+    shard, backend, out = command_setup(args)
     grid, points, labels, scores = _validated(args)
     progress = os.environ.get("TQDM_DISABLE", "") in ("", "0")
     session = Session(grid, progress=progress)

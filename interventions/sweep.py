@@ -23,9 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from eval.cli import ArgumentParser, add_model_args, check_device, cli_main
-from eval.folders import check_out, claim
-from eval.version import set_code_version
-from interventions.backends import add_backend_args, backend_from_args, failed_line
+from eval.folders import claim
+from interventions.backends import add_backend_args, command_setup, failed_line
 from interventions.cli import add_eval_options, eval_options
 from interventions.grid import (
     CONTROL_ALL,
@@ -39,7 +38,7 @@ from interventions.grid import (
 )
 from interventions.runner import EXPERIMENTS, plan, run_plan
 from interventions.session import Session
-from interventions.store import ResultsStore, Shard
+from interventions.store import ResultsStore
 
 
 def _parser() -> ArgumentParser:
@@ -87,11 +86,7 @@ def grid_from_args(args: Any) -> Grid:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    shard = Shard.parse(args.shard)
-    backend = backend_from_args(args)
-    out = check_out(args.out)
-    if args.code_version is not None:
-        set_code_version(args.code_version)
+    shard, backend, out = command_setup(args)
     grid = grid_from_args(args)
     check_device(grid.device)
     left = left_out_of_all(grid)

@@ -43,6 +43,16 @@ def embedded_clip():
     return load_model()
 
 
+@pytest.fixture()
+def pinned():
+    """Run keys under a fixed code version, so a commit landing mid-test cannot change them."""
+    from interventions import store
+
+    store.set_code_version("test-pinned")
+    yield "test-pinned"
+    store.set_code_version(None)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_one_thread():
     """Seeded, and one BLAS thread: small matrices gain nothing from two, and oversubscribed LAPACK on a shared

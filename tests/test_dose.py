@@ -227,15 +227,6 @@ def test_bad_delta_and_dose_values_through_the_clis(tmp_path, tiny_config_path, 
         assert not out.exists(), args
 
 
-@pytest.fixture()
-def pinned():
-    from interventions import store
-
-    store.set_code_version("test-pinned")
-    yield
-    store.set_code_version(None)
-
-
 def test_dose_ablation_end_to_end_on_the_embedded_default(tmp_path, pinned, capsys):
     """2 families × 2 doses, 2 seeds for the noise family, on the embedded model's smallest comparable set."""
     from figures.dose import jobs

@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 from statsmodels.stats.multitest import multipletests
 
-import interventions.store as store_mod
 from interventions.referee import scan as R
 from interventions.scan import main
 from tests.images import image_folder
@@ -81,13 +80,6 @@ def suite(tmp_path_factory) -> str:
                for name, per, seed in (("id", 30, 0), ("cal", 6, 1), ("shift", 8, 2), ("ood", 8, 3))}
     return (f"imagefolder:id={folders['id']},imagefolder:cal={folders['cal']}?role=calibration,"
             f"imagefolder:sk={folders['shift']}?role=shift,ood:rand={folders['ood']}")
-
-
-@pytest.fixture()
-def pinned():
-    store_mod.set_code_version("test-pinned")
-    yield
-    store_mod.set_code_version(None)
 
 
 def test_scan_end_to_end_resumes_and_ablates_the_pick(tmp_path, tiny_config_path, suite, pinned, capsys):

@@ -11,7 +11,6 @@ from statsmodels.stats.multitest import multipletests
 
 from eval import stats as S
 from interventions import ablation as A
-from interventions import store as store_mod
 from interventions.referee import verdict as V
 
 
@@ -123,13 +122,6 @@ def image_suite(tmp_path_factory) -> str:
         Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(d / f"{i}.png")
     return (f"imagefolder:id={root / 'test'},imagefolder:cal={root / 'cal'}?role=calibration,"
             f"ood:rand={root / 'ood'}")
-
-
-@pytest.fixture()
-def pinned():
-    store_mod.set_code_version("test-pinned")
-    yield
-    store_mod.set_code_version(None)
 
 
 def test_ablation_end_to_end(tmp_path, tiny_config_path, image_suite, pinned, capsys):
