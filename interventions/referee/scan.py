@@ -180,7 +180,7 @@ def ablation_lines(folder: Path, pick: Pick) -> list[str]:
                  else "")
         dr = f", δ ×{r.delta_ratio:.2f}" if np.isfinite(r.delta_ratio) else ""
         lines.append(f"{r.control:<18} Δ = {scale * r.diff:+.2f}{unit} [{scale * r.ci_lo:+.2f}, {scale * r.ci_hi:+.2f}]"
-                     f", p_adj = {r.p_adj:.3g}{ratio}{dr}")
+                     f", p_adj = {format_p(r.p_adj, r.test, int(r.B))}{ratio}{dr}")
     e = pick.effect
     head = f"{e['dataset']} {e['metric']}" + (f"({e['score']})" if e["score"] else "") + ":"
     verdict = (folder / "verdict.txt").read_text().splitlines() if (folder / "verdict.txt").is_file() else []
