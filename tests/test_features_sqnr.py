@@ -13,7 +13,7 @@ import torch
 from eval import stats as S
 from interventions.referee.features import COLUMNS, FeatureTable, tail_test
 from spectral.features import TAIL_DECILES, FeatureBasis, feature_error, feature_sqnr_by_rank
-from tests.test_store_ablation import image_suite, pinned  # noqa: F401  (fixtures: a small image suite)
+from tests.test_store_ablation import image_suite  # noqa: F401  (fixture: a small image suite)
 
 
 def _unit_features(n: int = 500, d: int = 37, seed: int = 0) -> np.ndarray:
