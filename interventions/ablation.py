@@ -202,7 +202,7 @@ def _validated(args: Any) -> tuple[Grid, int, tuple[str, ...], list[str], str]:
     return grid, B, scores, items, qspec
 
 
-def _scores(text: str) -> tuple[str, ...]:
+def parse_scores(text: str) -> tuple[str, ...]:
     from eval.metrics.ood import SCORES
 
     scores = tuple(s.strip() for s in text.split(",") if s.strip())
@@ -219,7 +219,7 @@ def _bootstrap_options(args: Any) -> tuple[int, tuple[str, ...]]:
         raise UserError(f"--B must be >= 100, got {B}")
     if args.stats_seed < 0:
         raise UserError(f"--stats-seed must be an integer >= 0, got {args.stats_seed}")
-    return B, _scores(args.scores)
+    return B, parse_scores(args.scores)
 
 
 @dataclass

@@ -95,7 +95,7 @@ def _settings(names: Sequence[str]) -> list[tuple[str, str, str]]:
 
 def _validated(args: Any) -> tuple[Grid, list[Point], dict[str, str], tuple[str, ...]]:
     """Grid, points (fp, each quantizer, each W·A setting) and labels, everything checked before any work."""
-    from interventions.ablation import _scores
+    from interventions.ablation import parse_scores
 
     check_device(args.device)
     if args.B < 100:
@@ -104,7 +104,7 @@ def _validated(args: Any) -> tuple[Grid, list[Point], dict[str, str], tuple[str,
         raise UserError(f"--stats-seed must be an integer >= 0, got {args.stats_seed}")
     if args.then_ablate < 0:
         raise UserError(f"--then-ablate must be an integer >= 0 (quantizers to ablate), got {args.then_ablate}")
-    scores = _scores(args.scores)
+    scores = parse_scores(args.scores)
     quants = list(dict.fromkeys(str(parse_quantizer(q)) for q in args.quant))
     settings = _settings(args.act_settings)
     grid = Grid(experiment="reliability", model=args.model, pretrained=args.pretrained, layers=args.layers,
