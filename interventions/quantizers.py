@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -65,7 +66,8 @@ class Quantizer(Edit):
 
     family: ClassVar[str] = "quant"
     # edits.csv: the mean clipping ratio a over entries and the fraction of entries outside their set's range
-    report_fields: ClassVar[tuple[str, ...]] = ("q_a_mean", "q_clipped_frac")
+    # and the output error ‖(Ŵ − W)Xᵀ‖_F / ‖WXᵀ‖_F on the calibration inputs (NaN where the run has none)
+    report_fields: ClassVar[tuple[str, ...]] = ("q_a_mean", "q_clipped_frac", "q_out_err")
     bits: int
 
     @abc.abstractmethod
@@ -81,8 +83,13 @@ class Quantizer(Edit):
         return self
 
     def apply(self, w: Float[Tensor, "out in"], ctx: MatrixContext) -> Edited:
+        from interventions.dataquant import output_error
+
         q, grid = ctx.quantized(self, w)
-        return Edited(q.clone(), {"q_a_mean": grid.a_mean(), "q_clipped_frac": grid.clipped_fraction(w)})
+        x = ctx.inputs()
+        out_err = math.nan if x is None else output_error(q, w, x)
+        return Edited(q.clone(), {"q_a_mean": grid.a_mean(), "q_clipped_frac": grid.clipped_fraction(w),
+                                  "q_out_err": out_err})
 
     def params(self) -> dict[str, Any]:
         """The same edits.csv columns for every format (the registry prefixes them with `p_`)."""
@@ -207,15 +214,17 @@ class QuantCache:
         self.hits = 0
         self.misses = 0
 
-    def quantize(self, quant: Quantizer, w: Float[Tensor, "out in"]) -> tuple[Float[Tensor, "out in"], QuantGrid]:
-        """`quant.quantize(w)`, computed at most once per (content of w, str(quant), device)."""
-        key = (tensor_hash(w), str(quant), str(w.device))
+    def quantize(self, quant: Quantizer, w: Float[Tensor, "out in"], token: str = "",
+                 compute: Callable[[], tuple[Tensor, QuantGrid]] | None = None) -> tuple[Tensor, QuantGrid]:
+        """`quant.quantize(w)` (or `compute()`), computed at most once per (content of w, str(quant), device, token);
+        `token` names what else Ŵ depends on (a data-dependent quantizer: the calibration set and the matrix)."""
+        key = (tensor_hash(w), str(quant), str(w.device) + token)
         hit = self._store.get(key)
         if hit is not None:
             self._store.move_to_end(key)
             self.hits += 1
             return hit
-        entry = quant.quantize(w)
+        entry = quant.quantize(w) if compute is None else compute()
         self.misses += 1
         self._store[key] = entry
         self._bytes += entry[0].numel() * entry[0].element_size()

@@ -46,16 +46,51 @@ class MatrixContext:
     cache: SVDCache | None = None
     calib_inputs: Tensor | None = None  # [n, in] inputs of this matrix for output-distortion matching (M2)
     quant_cache: QuantCache | None = None  # Ŵ and Q's grid once per (matrix content, quantizer) for a whole plan
+    source: Any = None  # interventions.dataquant.QuantSource: calibration data for data-dependent quantizers
 
     def svd(self, w: Float[Tensor, "out in"]) -> SVDFactors:
         """Float64 factors of `w` on w's device, from the run's SVD cache (one decomposition per content)."""
         return svd_factors(w, self.cache)
 
     def quantized(self, quant: Any, w: Float[Tensor, "out in"]) -> tuple[Float[Tensor, "out in"], QuantGrid]:
-        """(Ŵ, grid) = quant.quantize(w), shared through the plan's quantizer cache when there is one (read-only)."""
+        """(Ŵ, grid) = quant.quantize(w), shared through the plan's quantizer cache when there is one (read-only).
+        A data-dependent quantizer quantizes from this matrix's prepared state (`interventions.dataquant`)."""
+        if getattr(quant, "data_dependent", False):
+            from interventions.dataquant import matrix_state
+
+            source = self._source(quant)
+            compute = lambda: quant.quantize_in(w, matrix_state(source, quant, self.name))  # noqa: E731
+            if self.quant_cache is None:
+                return compute()
+            return self.quant_cache.quantize(quant, w, token=f"{source.key}:{self.name}", compute=compute)
         if self.quant_cache is None:
             return quant.quantize(w)
         return self.quant_cache.quantize(quant, w)
+
+    def quantize_new(self, quant: Any, w_new: Float[Tensor, "out in"],
+                     r2: Tensor | None = None) -> tuple[Float[Tensor, "out in"], QuantGrid]:
+        """Quantize a new matrix derived from this one (not cached), e.g. R1·W·R2 for rotquant: a data-dependent
+        quantizer gets this matrix's state, rotated by R2 when given."""
+        if not getattr(quant, "data_dependent", False):
+            return quant.quantize(w_new)
+        from interventions.dataquant import matrix_state
+
+        state = matrix_state(self._source(quant), quant, self.name)
+        return quant.quantize_in(w_new, state if r2 is None else quant.rotate_state(state, r2))
+
+    def inputs(self) -> Tensor | None:
+        """This matrix's calibration inputs X [rows, in] when the run has a calibration split, else None."""
+        if self.calib_inputs is not None:
+            return self.calib_inputs
+        if self.source is None or not self.source.has_calibration():
+            return None
+        return self.source.inputs().get(self.name)
+
+    def _source(self, quant: Any) -> Any:
+        if self.source is None:
+            raise UserError(f"{quant} is data-dependent: it needs the calibration split; run it through a command "
+                            f"(python -m interventions.quantize --spec {quant})")
+        return self.source
 
     def generator(self, salt: str = "", device: torch.device | str = "cpu") -> torch.Generator:
         """A torch.Generator seeded from (matrix name, seed, salt): same inputs, same stream, on any machine."""
@@ -145,7 +180,8 @@ def _load_builtin_edits() -> None:
     """Import the modules that register edits (kept lazy so `registry` itself stays import-light)."""
     import importlib
 
-    for mod in ("interventions.quantizers", "interventions.controls"):
+    for mod in ("interventions.quantizers", "interventions.controls", "interventions.gptq", "interventions.awq",
+                "interventions.smoothquant", "interventions.lsq", "interventions.filequant"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -87,12 +87,11 @@ def _(edit: Edit, model: nn.Module, p: Point, runner: "Runner") -> EditReport:
     s = runner.session
     if edit.needs_svd:
         s.fp_factors()  # every selected matrix decomposed once, batched by shape; the edit's lookups then hit
-    contexts = None
-    if p.match == "output":  # M2: each matrix's calibration inputs
-        x = s.calib_inputs(p.dataset)
-        contexts = {v.name: MatrixContext(v.name, v, seed=p.seed, cache=s.svd_cache, calib_inputs=x[v.name],
-                                          quant_cache=s.quant_cache)
-                    for v in s.views(model)}
+    x = s.calib_inputs(p.dataset) if p.match == "output" else {}  # M2: each matrix's calibration inputs
+    source = s.source(p.dataset)  # data-dependent quantizers and the output error read it lazily
+    contexts = {v.name: MatrixContext(v.name, v, seed=p.seed, cache=s.svd_cache, calib_inputs=x.get(v.name),
+                                      quant_cache=s.quant_cache, source=source)
+                for v in s.views(model)}
     return apply_edit(model, edit, s.grid.layers, seed=p.seed, variant=p.variant, cache=s.svd_cache,
                       progress=runner.bar(p.variant), contexts=contexts, quant_cache=s.quant_cache)
 
@@ -152,6 +151,8 @@ def _validate_edit(session: Session, planned: list[Planned]) -> None:
     model_edits = sorted({t.point.edit for t in planned if isinstance(_edit_of(t.point), ModelEdit)})
     if model_edits:
         raise UserError(f"{model_edits[0]} edits the model from evaluated outputs; use experiment 'reliability'")
+    if any(_data_dependent(t.point) for t in planned):  # no --datasets here: the embedded calibration split
+        session.check_calibration_disjoint(None)
 
 
 def _validate_reliability(session: Session, planned: list[Planned]) -> None:
@@ -159,11 +160,20 @@ def _validate_reliability(session: Session, planned: list[Planned]) -> None:
     for suite in dict.fromkeys(t.point.dataset for t in planned):
         session.evaluator(suite)  # loads (and checks) every dataset before anything is written
     needs_cal = {t.point.dataset for t in planned if t.point.act or t.point.match == "output"
-                 or isinstance(_edit_of(t.point), ModelEdit)}
+                 or isinstance(_edit_of(t.point), ModelEdit) or _data_dependent(t.point)}
     for suite in needs_cal:
         session.calibration(suite)
-    for suite in {t.point.dataset for t in planned if t.point.act}:
+    for suite in {t.point.dataset for t in planned if t.point.act or _data_dependent(t.point)}:
         session.check_calibration_disjoint(suite)
+
+
+def _data_dependent(p: Point) -> bool:
+    """Whether the point's quantizer (its edit, or the quantizer its control is matched to) needs calibration data."""
+    from interventions.dataquant import is_data_dependent
+
+    edit = _edit_of(p)
+    q = getattr(edit, "q_spec", None) if getattr(edit, "uses_quant", lambda: False)() else None
+    return is_data_dependent(edit) or (q is not None and is_data_dependent(parse_edit(q)))
 
 
 def _edit_of(p: Point) -> Any:

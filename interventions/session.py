@@ -58,6 +58,7 @@ class Session:
         self._calibration: dict[str, Calibration] = {}
         self._inputs: dict[str, dict[str, Tensor]] = {}
         self._fp_factors: dict[str, Any] | None = None
+        self._prepared: dict[tuple[str, str], Any] = {}
 
     @property
     def model(self) -> nn.Module:
@@ -136,6 +137,17 @@ error."""
             self._inputs[suite] = {k: v.to(dev) for k, v in x.items()}
         return self._inputs[suite]
 
+    def source(self, suite: str | None) -> SessionSource:
+        """The calibration data of one suite for data-dependent quantizers (`interventions.dataquant.QuantSource`)."""
+        return SessionSource(self, suite or "embedded")
+
+    def prepared(self, quant: Any, suite: str | None) -> Any:
+        """`quant.prepare(source)` once per (quantizer, suite): GPTQ's inputs, LSQ's trained steps, a file's weights."""
+        key = (str(quant), suite or "embedded")
+        if key not in self._prepared:
+            self._prepared[key] = quant.prepare(self.source(suite))
+        return self._prepared[key]
+
     def quantize_activations(self, model: nn.Module, act: str, suite: str | None) -> str:
         """W·A·: calibrate per-tensor activation ranges on the calibration split (never test images), then enable."""
         from interventions.actquant import quantize_activations
@@ -184,3 +196,32 @@ error."""
         label = FP if p.edit is None else p.variant
         frame = report.frame[report.frame["variant"] == label].reset_index(drop=True)
         return frame, report.arrays.get(label, {})
+
+
+@dataclass(frozen=True)
+class SessionSource:
+    """A session's calibration data for one suite, read lazily (nothing is captured unless a quantizer asks)."""
+
+    session: Session
+    key: str
+
+    @property
+    def model(self) -> nn.Module:
+        return self.session.model
+
+    def views(self) -> list[Any]:
+        return self.session.views()
+
+    def calibration(self) -> Calibration:
+        return self.session.calibration(self.key)
+
+    def has_calibration(self) -> bool:
+        datasets = self.session.evaluator(self.key).datasets
+        return any(d.role == "calibration" for d in datasets)
+
+    def inputs(self) -> dict[str, Tensor]:
+        self.session.check_calibration_disjoint(self.key)
+        return self.session.calib_inputs(self.key)
+
+    def state(self, quant: Any) -> Any:
+        return self.session.prepared(quant, self.key)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -90,8 +91,9 @@ def test_edit_call_returns_float32_copy_and_reports_bits():
     out = q(w, ctx)
     assert out.dtype == torch.float32 and out.shape == w.shape and torch.equal(w, w0)
     res = q.apply(w, ctx)
-    assert torch.equal(res.weight, out) and set(res.fields) == {"q_a_mean", "q_clipped_frac"}
+    assert torch.equal(res.weight, out) and set(res.fields) == {"q_a_mean", "q_clipped_frac", "q_out_err"}
     assert 0.5 <= res.fields["q_a_mean"] <= 1.0 and 0.0 <= res.fields["q_clipped_frac"] < 0.5
+    assert math.isnan(res.fields["q_out_err"])  # no calibration inputs in this context
 
 
 def test_apply_through_views_per_slice_statistics_and_report(tiny_clip):

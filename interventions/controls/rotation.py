@@ -70,7 +70,7 @@ class RotQuant(Control):
         m, n = w.shape
         r1 = rotation(m, self.rot, gen, w.device).to(torch.float32)
         r2 = rotation(n, self.rot, gen, w.device).to(torch.float32)
-        q, _ = ref.quant.quantize(r1 @ w @ r2)  # type: ignore[attr-defined]  # a new matrix per seed: not cached
+        q, _ = ctx.quantize_new(ref.quant, r1 @ w @ r2, r2)  # a new matrix per seed: not cached
         return Edited(r1.T @ q.to(torch.float32) @ r2.T)
 
 
