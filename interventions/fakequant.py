@@ -60,6 +60,7 @@ class QuantGrid:
         self._sets = sets  # per part of `split_sets`: {key: [sets, 1]}
         self.shape, self.granularity, self.group, self.bits, self.uniform = shape, granularity, group, bits, uniform
         self._cache: dict[str, Tensor] = {}
+        self.info: dict[str, float] = {}  # a data-dependent quantizer's per-matrix edits.csv fields (e.g. AWQ's α)
 
     def _entry(self, key: str) -> Float[Tensor, "out in"] | None:
         if key not in self._sets[0]:

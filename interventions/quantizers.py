@@ -89,7 +89,7 @@ class Quantizer(Edit):
         x = ctx.inputs()
         out_err = math.nan if x is None else output_error(q, w, x)
         return Edited(q.clone(), {"q_a_mean": grid.a_mean(), "q_clipped_frac": grid.clipped_fraction(w),
-                                  "q_out_err": out_err})
+                                  "q_out_err": out_err, **grid.info})
 
     def params(self) -> dict[str, Any]:
         """The same edits.csv columns for every format (the registry prefixes them with `p_`)."""
@@ -288,6 +288,14 @@ def parse_int(spec: str) -> Quantizer:
     elif rng.startswith("a"):
         kw["clip"] = _float(spec, rng[1:])
     return _build(spec, lambda: IntQuantizer(**kw))
+
+
+def method_base(spec: str, base: str) -> IntQuantizer:
+    """The RTN grid of a data-dependent method's spec (`gptq-int4-g128` -> int4-g128); errors name the whole spec."""
+    try:
+        return parse_int(base)
+    except UserError as exc:
+        raise UserError(f"bad quantizer spec {spec!r}: its grid {exc}") from None
 
 
 def _parse_codebook(spec: str) -> Quantizer:
