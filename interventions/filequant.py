@@ -147,9 +147,8 @@ def row_grid(w_hat: Float[Tensor, "out in"], tol: float = UNIFORM_TOL) -> RowGri
     gaps = srt[:, 1:] - srt[:, :-1]
     distinct = gaps > 0
     levels = int((1 + distinct.sum(dim=1)).max())
-    inf = torch.tensor(math.inf, dtype=q.dtype, device=q.device)
-    smallest = torch.where(distinct, gaps, inf).amin(dim=1, keepdim=True) if gaps.shape[1] else torch.full_like(lo,
-                                                                                                              math.inf)
+    inf = torch.full_like(lo, math.inf)
+    smallest = torch.where(distinct, gaps, inf).amin(dim=1, keepdim=True) if gaps.shape[1] else inf
     single = torch.maximum(lo.abs(), hi.abs())  # a row of one value has no gap
     step = torch.where(torch.isfinite(smallest), smallest, single).clamp(min=STEP_MIN)
     uniform = bool(((q - step * torch.round(q / step)).abs() <= tol * step).all())
@@ -184,8 +183,8 @@ def _check_tensor(path: str, key: str, t: Tensor, ref: Tensor) -> None:
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
-    return torch.equal(a.detach().to(device="cpu", dtype=torch.float32), b.detach().to(device="cpu",
-                                                                                       dtype=torch.float32))
+    """Equal values (compared as float32 on the CPU: a bf16 file of an fp32 model differs where rounding does)."""
+    return torch.equal(*(t.detach().to(device="cpu", dtype=torch.float32) for t in (a, b)))
 
 
 @dataclass(frozen=True)
