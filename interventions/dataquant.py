@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -53,6 +54,10 @@ class DataQuantizer(Quantizer):
     """
 
     data_dependent: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = True  # False: it reads no calibration split (e.g. a checkpoint file)
+
+    def check(self, source: QuantSource) -> None:
+        """Validate what the quantizer reads before anything is written (default: nothing; a file reads itself)."""
 
     def prepare(self, source: QuantSource) -> Mapping[str, Any]:
         """{matrix name: state} for every selected matrix (default: its calibration inputs X [rows, in])."""
@@ -77,6 +82,56 @@ class DataQuantizer(Quantizer):
 def is_data_dependent(quant: object) -> bool:
     """Whether a quantizer (or any edit) needs a `QuantSource`."""
     return bool(getattr(quant, "data_dependent", False))
+
+
+def needs_calibration(quant: object) -> bool:
+    """Whether a data-dependent quantizer reads the calibration split (GPTQ, AWQ, …; not a checkpoint file)."""
+    return is_data_dependent(quant) and bool(getattr(quant, "needs_calibration", True))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A `QuantSource` over an unedited model and a selector, without calibration data (`python -m spectral
+    --compare`): a file quantizer works from it; one that needs inputs says where to run it."""
+
+    fp: nn.Module
+    layers: Any = None
+    key: str = "model"
+    _prepared: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.fp
+
+    def views(self) -> list[Any]:
+        from spectral.selector import select
+        from spectral.views import weight_views
+
+        return select(weight_views(self.fp), self.layers)
+
+    def calibration(self) -> Any:
+        raise UserError("this quantizer needs the calibration split; run it through python -m interventions.quantize "
+                        "(which loads --datasets), not here")
+
+    def inputs(self) -> dict[str, Tensor]:
+        return self.calibration()
+
+    def has_calibration(self) -> bool:
+        return False
+
+    def state(self, quant: DataQuantizer) -> Mapping[str, Any]:
+        if str(quant) not in self._prepared:
+            self._prepared[str(quant)] = quant.prepare(self)
+        return self._prepared[str(quant)]
+
+
+def source_contexts(model: nn.Module, source: QuantSource, layers: Any = None, seed: int = 0) -> dict[str, Any]:
+    """{view name: MatrixContext} of `model` (an edited copy) reading `source`, for `registry.apply_edit`."""
+    from interventions.registry import MatrixContext
+    from spectral.selector import select
+    from spectral.views import weight_views
+
+    return {v.name: MatrixContext(v.name, v, seed=seed, source=source) for v in select(weight_views(model), layers)}
 
 
 def output_error(w_hat: Float[Tensor, "out in"], w: Float[Tensor, "out in"], x: Float[Tensor, "n in"]) -> float:

@@ -145,6 +145,10 @@ class Edit(abc.ABC):
             return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {}
 
+    def report_note(self, rows: Sequence[Mapping[str, Any]]) -> str:
+        """An extra line for the edit report's summary (default none; e.g. what a checkpoint file changed)."""
+        return ""
+
     def report_columns(self) -> tuple[str, ...]:
         """The edits.csv columns this edit's report may hold, in order (METHODS §8)."""
         return BASE_COLUMNS + tuple(f"p_{k}" for k in self.params()) + self.declared_fields()
@@ -220,6 +224,7 @@ class EditReport:
     spec: str
     coverage: float
     rows: list[dict[str, Any]]
+    note: str = ""  # the edit's own line (`Edit.report_note`), printed under the summary
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
@@ -230,7 +235,7 @@ class EditReport:
             f"{self.variant} [{self.spec}]: {len(self.rows)} matrices, "
             f"coverage {100 * self.coverage:.1f}% of parameters, "
             f"delta median {100 * deltas.median().item():.2f}% max {100 * deltas.max().item():.2f}%"
-        )
+        ) + (f"\n  {self.note}" if self.note else "")
 
 
 def _frob(t: Tensor) -> float:
@@ -313,7 +318,7 @@ def apply_edit(
     variant = variant or str(edit)
     rows = _matrix_edit_rows(edit, views, variant=variant, coverage=cov, total=total, seed=seed, cache=cache,
                              progress=progress, contexts=contexts, quant_cache=quant_cache)
-    return EditReport(variant=variant, spec=str(edit), coverage=cov, rows=rows)
+    return EditReport(variant=variant, spec=str(edit), coverage=cov, rows=rows, note=edit.report_note(rows))
 
 
 class ModelEdit(abc.ABC):

@@ -142,6 +142,12 @@ def _validate_common(session: Session, planned: list[Planned]) -> None:
     unknown = sorted(set(session.grid.options) - set(OPTIONS))
     if unknown:
         raise UserError(f"unknown option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(OPTIONS)}")
+    checked = set()
+    for t in planned:  # what a data-dependent quantizer reads (a checkpoint file) is checked before any write
+        q = _data_quantizer(t.point)
+        if q is not None and (str(q), t.point.dataset) not in checked:
+            checked.add((str(q), t.point.dataset))
+            q.check(session.source(t.point.dataset))
 
 
 def _validate_edit(session: Session, planned: list[Planned]) -> None:
@@ -167,13 +173,23 @@ def _validate_reliability(session: Session, planned: list[Planned]) -> None:
         session.check_calibration_disjoint(suite)
 
 
-def _data_dependent(p: Point) -> bool:
-    """Whether the point's quantizer (its edit, or the quantizer its control is matched to) needs calibration data."""
+def _data_quantizer(p: Point) -> Any:
+    """The point's data-dependent quantizer (its edit, or the quantizer its control is matched to), or None."""
     from interventions.dataquant import is_data_dependent
 
     edit = _edit_of(p)
     q = getattr(edit, "q_spec", None) if getattr(edit, "uses_quant", lambda: False)() else None
-    return is_data_dependent(edit) or (q is not None and is_data_dependent(parse_edit(q)))
+    for cand in (edit, None if q is None else parse_edit(q)):
+        if is_data_dependent(cand):
+            return cand
+    return None
+
+
+def _data_dependent(p: Point) -> bool:
+    """Whether the point's quantizer (its edit, or the quantizer its control is matched to) needs calibration data."""
+    from interventions.dataquant import needs_calibration
+
+    return needs_calibration(_data_quantizer(p))
 
 
 def _edit_of(p: Point) -> Any:

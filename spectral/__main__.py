@@ -137,12 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = os.environ.get("TQDM_DISABLE", "") not in ("", "0")
     variants = {}
     if edits:
+        from interventions.dataquant import ModelSource, source_contexts
         from interventions.registry import apply_edit
 
+        source = ModelSource(loaded.model, args.layers)  # what a data-dependent quantizer (file:PATH) reads
         for edit in edits:  # edits may still reject the model (UserError): nothing has been written yet
             edited = copy.deepcopy(loaded.model)
             with torch.no_grad():
-                report = apply_edit(edited, edit, args.layers, seed=args.seed)
+                report = apply_edit(edited, edit, args.layers, seed=args.seed,
+                                    contexts=source_contexts(edited, source, args.layers, args.seed))
             print(report.summary(), file=sys.stderr)
             variants[report.variant] = {v.name: v.get().clone() for v in select(weight_views(edited), args.layers)}
             del edited

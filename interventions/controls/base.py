@@ -137,8 +137,8 @@ class Control(Edit):
     def __post_init__(self) -> None:
         if self.match is not None:
             object.__setattr__(self, "match", check_criterion(self.match))  # canonical: delta:0.050 -> delta:0.05
-        if self.quant is not None:
-            cached_quantizer(self.quant)  # validate now: a bad quantizer spec is a user error before any work
+        if self.quant is not None:  # validate now: a bad quantizer spec is a user error before any work; keep the
+            object.__setattr__(self, "quant", str(cached_quantizer(self.quant)))  # canonical spec (file:PATH@sha)
         if is_delta(self.match) and not self.takes_delta():
             raise delta_error(self.family + "".join(f"{':' if i == 0 else ','}{a}" for i, a in enumerate(self.args())),
                               self.criterion)
