@@ -15,6 +15,10 @@ max|W_{:,j}| over the rows of every selected matrix on that input, and max|X_j| 
 reaches the site (all images and prompts of the split, not the 1024-row subsample of `capture_inputs`: the
 absmax of a subsample underestimates the channel's range, and these are the tokens the activation range sees).
 
+s ≡ 1 is plain W<b>A8 (int<b>-ch + a8) bit for bit. α = 0 is not: it gives s_j = 1/max|W_{:,j}| (every column of
+W·diag s has absmax 1, X plays no part), a different weight grid and activations scaled by max|W_{:,j}|; no α gives
+s ≡ 1 in general (that is AWQ's α = 0, s_j = mean|X_j|^0).
+
 `migrate(model, scales)` does the real thing for export and for checking the above: s⁻¹ folded into the preceding
 LayerNorm (ln_1 → in_proj, ln_2 → c_fc, ln_post → visual.proj, ln_final → text projection) or into the V rows of
 in_proj (→ out_proj), an explicit input scale only where nothing linear precedes (c_proj, after the GELU), and
@@ -192,7 +196,10 @@ class InputScale:
 
     def __init__(self, module: nn.Linear, s: Float[Tensor, " in"]) -> None:
         self.s = s
-        self.handle = module.register_forward_pre_hook(lambda _m, args: (args[0] / self.s, *args[1:]))
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return ((args[0] / self.s).to(args[0].dtype), *args[1:])
 
     def remove(self) -> None:
         self.handle.remove()

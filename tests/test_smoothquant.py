@@ -4,6 +4,7 @@ plain W8A8 bit for bit (α = 0 is not); ≤ 2^b levels in the scaled coordinates
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -115,11 +116,12 @@ def test_migration_leaves_full_precision_outputs_unchanged(session, probe):
     model = copy.deepcopy(session.model)
     views = session.views(model)
     g = torch.Generator().manual_seed(2)
-    scales = {}
-    for v in views:  # one s per input, log-uniform in [1/8, 8]
-        key = v.param_name
-        scales.setdefault(key, torch.exp((torch.rand(v.shape[1], generator=g) * 2 - 1) * 2.08))
-    scales = {v.name: scales[v.param_name] for v in views}
+
+    def rand(n: int) -> torch.Tensor:  # log-uniform in [1/8, 8]
+        return torch.exp((torch.rand(n, generator=g) * 2 - 1) * math.log(8))
+
+    by_input = {v.param_name: rand(v.shape[1]) for v in views}  # one s per input (q/k/v share theirs)
+    scales = {v.name: by_input[v.param_name] for v in views}
     fp = _logits(session.model, probe)
     rows = migrate(model, scales)
     where = {r["matrices"].split(",")[-1].rsplit(".", 1)[-1]: r["inverse_scale"] for r in rows}
@@ -131,7 +133,7 @@ def test_migration_leaves_full_precision_outputs_unchanged(session, probe):
         assert _rel(a, b) <= 1e-5
     # the projections too (ln_post, ln_final), selected with scope=all
     heads = [v for v in weight_views(model) if v.kind == "head"]
-    hs = {v.name: torch.exp((torch.rand(v.shape[1], generator=g) * 2 - 1) * 2.08) for v in heads}
+    hs = {v.name: rand(v.shape[1]) for v in heads}
     assert {r["inverse_scale"] for r in migrate(model, hs)} == {"visual.ln_post", "ln_final"}
     for a, b in zip(_logits(model, probe), fp):
         assert _rel(a, b) <= 1e-5
@@ -152,7 +154,7 @@ def test_toolkit_variant_equals_migrated_model_quantized(session, probe):
     t, m, p, fp = (_logits(x, probe) for x in (toolkit, migrated, plain, session.model))
     for a, b, ref, f in zip(t, m, p, fp):
         gap = _rel(a, b)
-        assert gap <= 1e-4, gap  # float rounding of x·s⁻¹ may move a value across a rounding boundary, rarely
+        assert gap <= 1e-5, gap  # measured ~1e-6: float rounding of x·s⁻¹ vs the folded LayerNorm, nothing more
         assert gap < 0.02 * min(_rel(ref, b), _rel(f, b))  # far below what separates it from plain W8A8 or FP
     # the effective weight in migrated coordinates is the migrated weight's quantization (q/k: no row fold)
     w_eff = dict((v.name, v.get()) for v in session.views(toolkit))
