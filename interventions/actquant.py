@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -84,7 +84,12 @@ def fake_quant_act(x: Float[Tensor, "*shape"], absmax: float, bits: int) -> Floa
 
 @dataclass
 class Site:
-    """One intercepted input tensor: its observer state and whether it is quantizing."""
+    """One intercepted input tensor: its observer state and whether it is quantizing.
+
+    `scale` (optional, per input channel, SmoothQuant's s): the site quantizes x·diag s⁻¹ on that tensor's own
+    range and returns Q(x·diag s⁻¹)·diag s, so the matrix sees its inputs in W's coordinates. `track_channels`
+    also keeps max|x_j| over the observed tokens (`channel_absmax`, unscaled x, last dimension = input channel).
+    """
 
     name: str
     kind: str  # linear | conv | mha_in | mha_out | param
@@ -95,8 +100,16 @@ class Site:
     absmax: float | None = None
     n_batches: int = 0
     n_values: int = 0
+    scale: Tensor | None = None
+    track_channels: bool = False
+    channel_absmax: Tensor | None = None
 
     def observe(self, x: Tensor) -> None:
+        if self.track_channels:
+            c = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+            self.channel_absmax = c if self.channel_absmax is None else torch.maximum(self.channel_absmax, c)
+        if self.scale is not None:
+            x = x / self.scale
         b = float(x.detach().abs().amax())
         if self.absmax is None:
             self.absmax = b
@@ -112,7 +125,9 @@ class Site:
             self.observe(x)
             return x
         if self.mode == "quant":
-            return fake_quant_act(x, self.absmax, self.config.bits)
+            if self.scale is None:
+                return fake_quant_act(x, self.absmax, self.config.bits)
+            return (fake_quant_act(x / self.scale, self.absmax, self.config.bits) * self.scale).to(x.dtype)
         return x
 
     @property
@@ -185,7 +200,7 @@ class ActQuantHandle:
         `run(model)` may replace the image/text passes for other architectures. Ranges are reset first.
         """
         for s in self.sites.values():
-            s.absmax, s.n_batches, s.n_values = None, 0, 0
+            s.absmax, s.n_batches, s.n_values, s.channel_absmax = None, 0, 0, None
         self._set_mode("observe")
         try:
             if images is not None:
@@ -239,10 +254,33 @@ class ActQuantHandle:
         self.remove()
 
 
+def _set_scales(sites: dict[str, Site], scales: Mapping[str, Tensor]) -> None:
+    """Give each site the per-channel input scale of its matrices (they share one input, so one s; METHODS §2
+    SmoothQuant); a scale for a matrix with no site, or disagreeing scales on one input, is an error."""
+    used: set[str] = set()
+    for site in sites.values():
+        given = [scales[m] for m in site.matrices if m in scales]
+        if not given:
+            continue
+        if len(given) != len(site.matrices) or any(not torch.equal(g, given[0]) for g in given[1:]):
+            raise UserError(f"input {site.name} is shared by {', '.join(site.matrices)}: give them one input scale")
+        if site.kind == "conv":
+            raise UserError(f"per-channel input scales need a linear map; {site.name} is a convolution")
+        site.scale = given[0].detach().to(torch.float32)
+        used.update(site.matrices)
+    unused = sorted(set(scales) - used)
+    if unused:
+        raise UserError(f"input scales given for {len(unused)} matrices with no activation site (e.g. {unused[0]})")
+
+
 def attach_activation_quant(
     model: nn.Module, config: ActQuantConfig | str = "a8", layers: str | Selector | None = None,
+    scales: Mapping[str, Tensor] | None = None,
 ) -> ActQuantHandle:
-    """Intercept the inputs of the selected matrices (same selector as the weight edit); nothing is quantized yet."""
+    """Intercept the inputs of the selected matrices (same selector as the weight edit); nothing is quantized yet.
+
+    `scales`: {matrix view name: s [in]}, per-channel input scales (SmoothQuant, METHODS §2): the matrix's site
+    quantizes x·diag s⁻¹ and hands on Q(x·diag s⁻¹)·diag s. None (default): plain per-tensor fake-quant."""
     config = parse_act_spec(config) if isinstance(config, str) else config
     views = select(weight_views(model), layers)
     by_param: dict[str, list[WeightView]] = {}
@@ -279,6 +317,8 @@ def attach_activation_quant(
         for entry in mha_sites.values():
             parts = {"in": entry.get("in_"), "roles": entry.get("roles", ()), "out": entry.get("out")}
             restores.append(patch_mha(entry["module"], parts))
+        if scales:
+            _set_scales(sites, scales)
     except Exception:
         for restore in reversed(restores):
             restore()
@@ -297,10 +337,12 @@ def quantize_activations(
     test_ids: Iterable[Any] | None = None,
     batch_size: int = 64,
     run: Callable[[nn.Module], Any] | None = None,
+    scales: Mapping[str, Tensor] | None = None,
 ) -> ActQuantHandle:
     """Attach, calibrate on calibration inputs, enable; returns the handle (use as a context manager or `.remove()`).
 
     `test_ids`: the ids of the images the model will be evaluated on; calibration ids overlapping them are refused.
+    `scales`: per-channel input scales by matrix (`attach_activation_quant`); ranges are then those of x·diag s⁻¹.
     """
     if test_ids is not None:
         if image_ids is None:
@@ -309,7 +351,7 @@ def quantize_activations(
         if overlap:
             raise UserError(f"{len(overlap)} calibration images are test images (e.g. {sorted(overlap)[0]}); "
                             "calibrate on a disjoint split")
-    handle = attach_activation_quant(model, config, layers)
+    handle = attach_activation_quant(model, config, layers, scales)
     try:
         handle.calibrate(images, texts, image_ids=image_ids, batch_size=batch_size, run=run)
         handle.enable()

@@ -148,6 +148,9 @@ def _validate_common(session: Session, planned: list[Planned]) -> None:
         if q is not None and (str(q), t.point.dataset) not in checked:
             checked.add((str(q), t.point.dataset))
             q.check(session.source(t.point.dataset))
+    both = next((t.point for t in planned if t.point.act and _own_act(t.point)), None)
+    if both is not None:
+        raise UserError(f"{both.edit} quantizes its own activations ({_own_act(both)}); drop --act / act")
 
 
 def _validate_edit(session: Session, planned: list[Planned]) -> None:
@@ -165,11 +168,11 @@ def _validate_reliability(session: Session, planned: list[Planned]) -> None:
     _validate_common(session, planned)
     for suite in dict.fromkeys(t.point.dataset for t in planned):
         session.evaluator(suite)  # loads (and checks) every dataset before anything is written
-    needs_cal = {t.point.dataset for t in planned if t.point.act or t.point.match == "output"
+    needs_cal = {t.point.dataset for t in planned if _act_of(t.point) or t.point.match == "output"
                  or isinstance(_edit_of(t.point), ModelEdit) or _data_dependent(t.point)}
     for suite in needs_cal:
         session.calibration(suite)
-    for suite in {t.point.dataset for t in planned if t.point.act or _data_dependent(t.point)}:
+    for suite in {t.point.dataset for t in planned if _act_of(t.point) or _data_dependent(t.point)}:
         session.check_calibration_disjoint(suite)
 
 
@@ -194,6 +197,16 @@ def _data_dependent(p: Point) -> bool:
 
 def _edit_of(p: Point) -> Any:
     return None if p.edit is None else parse_edit(p.edit)
+
+
+def _own_act(p: Point) -> str | None:
+    """The activation spec the point's edit applies itself (a W·A· quantizer such as SmoothQuant), else None."""
+    return getattr(_edit_of(p), "act_spec", None)
+
+
+def _act_of(p: Point) -> str | None:
+    """The activation fake-quant the run applies: the grid's (`--act`) or the edit's own."""
+    return p.act or _own_act(p)
 
 
 def _edit_tables(p: Point, runner: "Runner", model: nn.Module, report: EditReport | None) -> dict[str, pd.DataFrame]:
@@ -260,7 +273,7 @@ def reliability_experiment(p: Point, runner: "Runner") -> RunResult:
     model, report = runner.edited(p)
     ev = s.evaluator(p.dataset)
     name = variant_filename(p.variant)
-    outs = ev.run(name, model, reuse=p.act is None)  # fake-quant activations: never reuse cached features
+    outs = ev.run(name, model, reuse=_act_of(p) is None)  # fake-quant activations: never reuse cached features
     tables = {"metrics": variant_metrics(p.variant, outs), "reliability": variant_reliability(p.variant, outs),
               **_edit_tables(p, runner, model, report)}
     arrays = {f"samples/{name}/{key}": o.to_arrays() for key, o in outs.items()}
@@ -328,8 +341,10 @@ class Runner:
             report = edit_model(parse_edit(p.edit), model, p, self)
             if isinstance(_edit_of(p), Edit):
                 self.say(report.summary() + _match_note(report))
-        if p.act:
-            self.say("  " + self.session.quantize_activations(model, p.act, p.dataset))
+        own = _own_act(p)  # a W·A· quantizer's own activation quantization, with its per-input scales
+        if p.act or own:
+            scales = _edit_of(p).act_scales(self.session.source(p.dataset)) if own else None
+            self.say("  " + self.session.quantize_activations(model, p.act or own, p.dataset, scales))
         return model, report
 
 

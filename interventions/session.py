@@ -13,6 +13,7 @@ A session never decides what to run; `interventions.runner` asks it for an edite
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,14 +149,16 @@ error."""
             self._prepared[key] = quant.prepare(self.source(suite))
         return self._prepared[key]
 
-    def quantize_activations(self, model: nn.Module, act: str, suite: str | None) -> str:
-        """W·A·: calibrate per-tensor activation ranges on the calibration split (never test images), then enable."""
+    def quantize_activations(self, model: nn.Module, act: str, suite: str | None,
+                             scales: Mapping[str, Tensor] | None = None) -> str:
+        """W·A·: calibrate per-tensor activation ranges on the calibration split (never test images), then enable.
+        `scales`: per-channel input scales by matrix (SmoothQuant's s: ranges of x·diag s⁻¹, `actquant.Site`)."""
         from interventions.actquant import quantize_activations
 
         c = self.calibration(suite)
         dev = self.grid.device
         handle = quantize_activations(model, act, self.grid.layers, images=c.images.to(dev), texts=c.tokens.to(dev),
-                                      image_ids=c.keys, test_ids=c.test_keys)
+                                      image_ids=c.keys, test_ids=c.test_keys, scales=scales)
         return handle.summary()
 
     # ---------------------------------------------------------------------------------- measurements
