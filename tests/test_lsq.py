@@ -14,15 +14,18 @@ from interventions.lsq import LSQQuantizer, distill_loss, parse_lsq
 from interventions.quantizers import IntQuantizer, parse_int
 from interventions.registry import list_edits, parse_edit
 
+LAYERS = "scope=all;kind=q,k,v,out,fc,proj,head,patch_embed"
+
 
 @pytest.fixture(scope="module")
 def session(tiny_config_path):
     """A session on the tiny CLIP (random init, real architecture) with the embedded calibration split; selector
-    `all`, so fused q/k/v slices, transposed heads, the patch conv and the token embedding are all trained."""
+    every linear map, the transposed heads and the patch conv (fused q/k/v slices each get their own Δ); the token
+    embedding (49408 rows) is left out only for speed."""
     from interventions.grid import Grid
     from interventions.session import Session
 
-    return Session(Grid(model=tiny_config_path, layers="all"))
+    return Session(Grid(model=tiny_config_path, layers=LAYERS))
 
 
 def _edited(session, quant, states):
@@ -75,13 +78,13 @@ def test_config_is_validated_on_construction(kw):
 
 # ------------------------------------------------------------------------------------------------ training
 def test_distillation_lowers_the_loss_and_the_edited_model_has_the_reported_loss(session):
-    quant = parse_edit("lsq-int3-ch:40")
+    quant = parse_edit("lsq-int3-ch:15")
     states = quant.prepare(session.source(None))
     names = [v.name for v in session.views()]
     assert list(states) == names
     st = states[names[0]]
-    assert len(st.curve) == 40 and all(s.loss_last == st.loss_last for s in states.values())
-    assert st.loss_last < 0.8 * st.loss_first  # meaningfully, on the whole calibration split
+    assert len(st.curve) == 15 and all(s.loss_last == st.loss_last for s in states.values())
+    assert st.loss_last < 0.5 * st.loss_first  # meaningfully, on the whole calibration split
     moved = [not torch.equal(a, b) for s in states.values() for a, b in zip(s.step, s.init)]
     assert all(moved)
     # the training forward (fused in_proj rebuilt from per-view slices) is the model the edit produces
@@ -152,16 +155,14 @@ def test_calibration_that_holds_test_images_is_refused(tiny_config_path):
     with pytest.raises(UserError, match="calibration images are test images"):
         quant.prepare(s.source(None))
 
-    @dataclasses.dataclass
     class Plain:  # a QuantSource that is not a session's: the calibration's own keys are checked
         key = "embedded"
         model = s.model
-
-        def views(self):
-            return s.views()
-
-        def calibration(self):
-            return s.calibration(None)
+        views = staticmethod(s.views)
+        calibration = staticmethod(lambda: s.calibration(None))
+        has_calibration = staticmethod(lambda: True)
+        inputs = staticmethod(dict)
+        state = staticmethod(lambda quant: {})
 
     with pytest.raises(UserError, match="calibration images are test images"):
         quant.prepare(Plain())
