@@ -235,8 +235,7 @@ class LSQQuantizer(DataQuantizer):
             parametrize.register_parametrization(modules[owner], leaf, fused[pname])
         images = cal.images.to(dev) if any(v.tower == "visual" for v in views) else None
         tokens = cal.tokens.to(dev) if any(v.tower == "text" for v in views) else None
-        with torch.no_grad():
-            target = _features(fp, images, tokens)
+        target = self._encode_all(fp, images, tokens)
         first = self._full_loss(model, images, tokens, target)
         curve = self._train(model, [p for f in fused.values() for p in f.theta.values()], images, tokens, target)
         last = first if not curve else self._full_loss(model, images, tokens, target)
@@ -275,19 +274,22 @@ class LSQQuantizer(DataQuantizer):
         return curve
 
     @torch.no_grad()
+    def _encode_all(self, model: nn.Module, images: Tensor | None, tokens: Tensor | None) -> list[Tensor]:
+        """`_features` of every calibration image and prompt (those given), in batches of `EVAL_BATCH`."""
+        b, out = self.EVAL_BATCH, []
+        with parametrize.cached():
+            if images is not None:
+                out.append(torch.cat([_features(model, images[i : i + b], None)[0]
+                                      for i in range(0, images.shape[0], b)]))
+            if tokens is not None:
+                out.append(torch.cat([_features(model, None, tokens[i : i + b])[0]
+                                      for i in range(0, tokens.shape[0], b)]))
+        return out
+
     def _full_loss(self, model: nn.Module, images: Tensor | None, tokens: Tensor | None,
                    target: list[Tensor]) -> float:
-        """The distillation loss over every calibration image and prompt (batched)."""
-        towers = [(t, enc) for t, enc in ((images, model.encode_image), (tokens, model.encode_text)) if t is not None]
-        total, b = 0.0, self.EVAL_BATCH
-        with parametrize.cached():
-            for (t, enc), f in zip(towers, target):
-                sq = 0.0
-                for i in range(0, t.shape[0], b):
-                    f_q = nn.functional.normalize(enc(t[i : i + b]).float(), dim=-1)
-                    sq += float(((f_q - f[i : i + b]) ** 2).sum())
-                total += sq / t.shape[0]
-        return total
+        """The distillation loss over every calibration image and prompt."""
+        return float(distill_loss(self._encode_all(model, images, tokens), target))
 
     # ------------------------------------------------------------------------------------------ per matrix
     def quantize_in(self, w: Float[Tensor, "out in"], state: LSQState) -> tuple[Float[Tensor, "out in"], QuantGrid]:

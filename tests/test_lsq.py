@@ -192,3 +192,19 @@ def test_runner_reports_losses_and_controls_read_the_lsq_grid(tiny_config_path, 
     rtn = session.quant_cache
     assert rtn.misses == 2 * len(session.views())  # LSQ and its RTN min-max grid (round), once per matrix
     assert (rnd["delta"] > 0).all() and (edits[edits["variant"].str.startswith("deadzone")]["delta"] > 0).all()
+
+
+def test_step_gradient_is_lsqs_with_its_gradient_scale():
+    """∂Ŵ/∂Δ = round(w/Δ) − w/Δ inside the range, ±q_max outside (STE), times g = 1/√(N·q_max) (METHODS §2)."""
+    from interventions.lsq import lsq_fake_quant
+
+    x = torch.tensor([[0.26, -0.74, 1.9, -5.0, 0.0, 0.49]])
+    init = torch.tensor([[0.5]])
+    theta = torch.zeros(1, 1, requires_grad=True)
+    q = lsq_fake_quant(x, init, theta, 3)
+    torch.testing.assert_close(q, torch.tensor([[0.5, -0.5, 1.5, -1.5, 0.0, 0.5]]))
+    q.sum().backward()
+    v = x / 0.5
+    d_step = torch.where(v.abs() > 3, 3 * v.sign(), v.round() - v).sum()
+    g = 1 / (6 * 3) ** 0.5
+    torch.testing.assert_close(theta.grad, (g * 0.5 * d_step).reshape(1, 1))  # ∂Δ/∂θ = Δ
