@@ -65,12 +65,12 @@ class LSQState:
     curve: tuple[float, ...]  # minibatch loss before each update
 
 
-def _ste_round(x: Tensor) -> Tensor:
+def _ste_round(x: Float[Tensor, "*s"]) -> Float[Tensor, "*s"]:
     """round(x) forward, identity backward (straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
 
 
-def _grad_scale(x: Tensor, g: float) -> Tensor:
+def _grad_scale(x: Float[Tensor, "*s"], g: float) -> Float[Tensor, "*s"]:
     """x forward, g·∂L/∂x backward (LSQ's gradient scale)."""
     return (x - x * g).detach() + x * g
 
@@ -134,7 +134,9 @@ class _FusedQuant(nn.Module):
         return torch.cat(pieces, dim=0)
 
 
-def _features(model: nn.Module, images: Tensor | None, tokens: Tensor | None) -> list[Float[Tensor, "n d"]]:
+def _features(
+    model: nn.Module, images: Float[Tensor, "n c h w"] | None, tokens: Int[Tensor, "m ctx"] | None,
+) -> list[Float[Tensor, "_n d"]]:
     """L2-normalised image and/or text features (float32) of `model`."""
     feats = []
     if images is not None:
@@ -144,7 +146,7 @@ def _features(model: nn.Module, images: Tensor | None, tokens: Tensor | None) ->
     return feats
 
 
-def distill_loss(f_q: list[Tensor], f_fp: list[Tensor]) -> Tensor:
+def distill_loss(f_q: list[Float[Tensor, "_n _d"]], f_fp: list[Float[Tensor, "_n _d"]]) -> Float[Tensor, ""]:
     """Σ over towers of mean_x ‖f_q(x) − f_fp(x)‖² (normalised features, METHODS §2 LSQ)."""
     return sum(((a - b) ** 2).sum(dim=-1).mean() for a, b in zip(f_q, f_fp))
 
@@ -233,8 +235,11 @@ class LSQQuantizer(DataQuantizer):
             owner, _, leaf = pname.rpartition(".")
             fused[pname] = _FusedQuant(vs, inits, self).to(dev)
             parametrize.register_parametrization(modules[owner], leaf, fused[pname])
-        images = cal.images.to(dev) if any(v.tower == "visual" for v in views) else None
+        dtype = fp.visual.conv1.weight.dtype if hasattr(fp, "visual") else torch.float32  # as the evaluator
+        images = cal.images.to(dev, dtype) if any(v.tower == "visual" for v in views) else None
         tokens = cal.tokens.to(dev) if any(v.tower == "text" for v in views) else None
+        if images is None and tokens is None:
+            raise UserError(f"{self} distils CLIP image/text features; no selected matrix is in either tower")
         target = self._encode_all(fp, images, tokens)
         first = self._full_loss(model, images, tokens, target)
         curve = self._train(model, [p for f in fused.values() for p in f.theta.values()], images, tokens, target)

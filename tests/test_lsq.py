@@ -100,7 +100,7 @@ def test_distillation_lowers_the_loss_and_the_edited_model_has_the_reported_loss
 
 
 def test_outputs_lie_on_their_grid_with_at_most_2b_levels_per_set(session):
-    quant = parse_edit("lsq-int3-g32:10")
+    quant = parse_edit("lsq-int3-g32:4")
     states = session.prepared(quant, None)
     for v in session.views():
         w = v.get().to(torch.float32)
@@ -136,7 +136,7 @@ def test_zero_steps_is_rtn_minmax_bit_for_bit(session, spec):
 
 
 def test_same_spec_twice_gives_identical_weights(session):
-    quant = parse_edit("lsq-int4-g64:6")
+    quant = parse_edit("lsq-int4-g64:3")
     a, b = quant.prepare(session.source(None)), quant.prepare(session.source(None))
     assert a[next(iter(a))].curve == b[next(iter(b))].curve
     for v in session.views():
