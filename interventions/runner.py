@@ -168,11 +168,11 @@ def _validate_reliability(session: Session, planned: list[Planned]) -> None:
     _validate_common(session, planned)
     for suite in dict.fromkeys(t.point.dataset for t in planned):
         session.evaluator(suite)  # loads (and checks) every dataset before anything is written
-    needs_cal = {t.point.dataset for t in planned if _act_of(t.point) or t.point.match == "output"
+    needs_cal = {t.point.dataset for t in planned if act_of(t.point) or t.point.match == "output"
                  or isinstance(_edit_of(t.point), ModelEdit) or _data_dependent(t.point)}
     for suite in needs_cal:
         session.calibration(suite)
-    for suite in {t.point.dataset for t in planned if _act_of(t.point) or _data_dependent(t.point)}:
+    for suite in {t.point.dataset for t in planned if act_of(t.point) or _data_dependent(t.point)}:
         session.check_calibration_disjoint(suite)
 
 
@@ -204,7 +204,7 @@ def _own_act(p: Point) -> str | None:
     return getattr(_edit_of(p), "act_spec", None)
 
 
-def _act_of(p: Point) -> str | None:
+def act_of(p: Point) -> str | None:
     """The activation fake-quant the run applies: the grid's (`--act`) or the edit's own."""
     return p.act or _own_act(p)
 
@@ -273,7 +273,7 @@ def reliability_experiment(p: Point, runner: "Runner") -> RunResult:
     model, report = runner.edited(p)
     ev = s.evaluator(p.dataset)
     name = variant_filename(p.variant)
-    outs = ev.run(name, model, reuse=_act_of(p) is None)  # fake-quant activations: never reuse cached features
+    outs = ev.run(name, model, reuse=act_of(p) is None)  # fake-quant activations: never reuse cached features
     tables = {"metrics": variant_metrics(p.variant, outs), "reliability": variant_reliability(p.variant, outs),
               **_edit_tables(p, runner, model, report)}
     arrays = {f"samples/{name}/{key}": o.to_arrays() for key, o in outs.items()}

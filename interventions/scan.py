@@ -43,7 +43,7 @@ from interventions.referee.compare import COLUMNS, EXTRA_COLUMNS, Group, compare
 from interventions.referee.endpoints import endpoints_of
 from interventions.referee.features import write_features
 from interventions.referee.persample import RunSamples
-from interventions.runner import Runner, plan, run_plan
+from interventions.runner import Runner, act_of, plan, run_plan
 from interventions.session import Session
 from interventions.store import ResultsStore
 from interventions.threads import threads
@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "evaluation": session.evaluator(args.datasets).describe()}
     write_json(config, out / "config.json")
     if args.then_ablate:
-        weight_only = [p.variant for p in points if p.edit is not None and not p.act]
+        weight_only = [p.variant for p in points if p.edit is not None and not act_of(p)]  # SmoothQuant: its own act
         lines = then_ablate(args, out, scan, weight_only)
         write_text(out / "ablations.txt", "\n".join(lines) + "\n")
         print("\n" + "\n".join(lines))

@@ -24,6 +24,9 @@ from interventions.runner import plan, run_plan
 from interventions.session import Session
 from interventions.shard import Shard
 
+# Ray tests find and kill this machine's Ray workers: under pytest-xdist they all run on one worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("ray")
+
 VERSION = "test-pinned-ray"
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,9 +21,9 @@ REFERENCE = MATCH_FIELDS  # no free parameter: compared with Q, noted "no free p
 
 # spec -> the report columns after BASE_COLUMNS, in order, on the tiny CLIP's core matrices
 EXPECTED: dict[str, tuple[str, ...]] = {
-    "int4-g128-mse": QUANT_PARAMS + ("q_a_mean", "q_clipped_frac"),
-    "nf4": QUANT_PARAMS + ("q_a_mean", "q_clipped_frac"),
-    "fp8-e4m3": QUANT_PARAMS + ("q_a_mean", "q_clipped_frac"),
+    "int4-g128-mse": QUANT_PARAMS + ("q_a_mean", "q_clipped_frac", "q_out_err"),
+    "nf4": QUANT_PARAMS + ("q_a_mean", "q_clipped_frac", "q_out_err"),
+    "fp8-e4m3": QUANT_PARAMS + ("q_a_mean", "q_clipped_frac", "q_out_err"),
     "lowrank": CONTROL_PARAMS + MATCHED + ("rank", "rank_frac", "match_achieved_rank_minus_1"),
     "lowrank:0.5": CONTROL_PARAMS + ("rank", "rank_frac", "energy_kept"),
     "damping:gains": CONTROL_PARAMS + ("gain_mean", "gain_head", "gain_tail", "gain_min") + REFERENCE,
