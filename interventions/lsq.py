@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,7 +39,7 @@ from eval.errors import UserError
 from interventions import fakequant as fq
 from interventions.dataquant import DataQuantizer, QuantSource
 from interventions.fakequant import QuantGrid
-from interventions.quantizers import IntQuantizer, Quantizer
+from interventions.quantizers import IntQuantizer, Quantizer, build_canonical
 from interventions.registry import register_edit
 from spectral.views import WeightView, weight_views
 
@@ -322,16 +322,6 @@ def _draw(n: int, k: int, gen: torch.Generator) -> Int[Tensor, " k"]:
     return torch.randperm(n, generator=gen)[: min(k, n)]
 
 
-def _build(spec: str, make: Callable[[], LSQQuantizer]) -> LSQQuantizer:
-    try:
-        q = make()
-    except UserError as exc:
-        raise _bad(spec, str(exc)) from None
-    if str(q) != spec:
-        raise _bad(spec, f"write it as {str(q)!r}")
-    return q
-
-
 @register_edit("lsq", SPEC_EXAMPLES, help="LSQ learned-step weight quantizer (distilled on calibration images): "
                + GRAMMAR)
 def parse_lsq(spec: str) -> LSQQuantizer:
@@ -352,4 +342,4 @@ def parse_lsq(spec: str) -> LSQQuantizer:
     else:
         raise _bad(spec, f"granularity {gran!r} is not one of ch, g32, g64, g128")
     bits, steps = int(m["bits"]), int(m["steps"])
-    return _build(spec, lambda: LSQQuantizer(bits, steps=steps, **kw))
+    return build_canonical(spec, lambda: LSQQuantizer(bits, steps=steps, **kw), _bad)

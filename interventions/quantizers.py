@@ -25,7 +25,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from jaxtyping import Float
 from torch import Tensor
@@ -36,6 +36,7 @@ from interventions import fakequant as fq
 from interventions.fakequant import QuantGrid
 from interventions.registry import Edit, Edited, MatrixContext, register_edit
 
+Q = TypeVar("Q")
 GRAMMAR = (
     "int<2-8>-<t|ch|g32|g64|g128>[-mse|-p0.999|-p0.9999|-p0.99999|-a<0.5..1>][-asym], "
     "nf4[-b<32|64|128>], fp4[-b<32|64|128>], fp8-e4m3, fp8-e5m2"
@@ -258,15 +259,20 @@ def _float(spec: str, text: str) -> float:
         raise _bad(spec, f"{text!r} is not a number") from None
 
 
-def _build(spec: str, make: Callable[[], Quantizer]) -> Quantizer:
-    """Construct, turn validation errors into spec errors, and insist on the canonical spelling."""
+def build_canonical(spec: str, make: Callable[[], Q], bad: Callable[[str, str], UserError] | None = None) -> Q:
+    """Construct, turn validation errors into spec errors (`bad(spec, why)`, default the RTN grammar's), and insist
+    on the canonical spelling (`str(q) == spec`)."""
+    bad = bad or _bad
     try:
         q = make()
     except UserError as exc:
-        raise _bad(spec, str(exc)) from None
+        raise bad(spec, str(exc)) from None
     if str(q) != spec:
-        raise _bad(spec, f"write it as {str(q)!r}")
+        raise bad(spec, f"write it as {str(q)!r}")
     return q
+
+
+_build = build_canonical
 
 
 @register_edit("int", SPEC_EXAMPLES[:11], help="uniform RTN weight quantizer: " + GRAMMAR)

@@ -19,13 +19,13 @@ from typing import Any, NamedTuple
 import pandas as pd
 from torch import nn
 
-from eval.errors import UserError
 from eval.version import code_version
+from interventions.checks import act_of, edit_of, own_act, validate_edit, validate_reliability
 from interventions.grid import Grid, Point, expand, points_of
 from interventions.idfeatures import OPTION as ID_FEATURES
 from interventions.idfeatures import feature_arrays
 from interventions.registry import BASE_COLUMNS, Edit, EditReport, MatrixContext, ModelEdit, apply_edit, parse_edit
-from interventions.session import OPTIONS, Session
+from interventions.session import Session
 from interventions.store import ResultsStore, RunResult, Shard, StoredRun, run_key
 from interventions.threads import threads, warn_mixed_threads
 
@@ -54,7 +54,7 @@ def point_config(p: Point, session: Session) -> dict[str, Any]:
 
 def dependencies(p: Point, grid: Grid) -> list[Point]:
     """The points a model edit (e5) needs evaluated first: full precision and each required spec, same datasets."""
-    edit = _edit_of(p)
+    edit = edit_of(p)
     if not isinstance(edit, ModelEdit):
         return []
     deps = [Point("fp", "fp", None, None, None, 0, p.dataset)]
@@ -136,90 +136,17 @@ def register_experiment(name: str, help: str, validate: Callable[[Session, list[
     return deco
 
 
-def _validate_common(session: Session, planned: list[Planned]) -> None:
-    if any(t.point.edit is not None for t in planned):
-        session.views()  # a selector matching nothing is a UserError
-    unknown = sorted(set(session.grid.options) - set(OPTIONS))
-    if unknown:
-        raise UserError(f"unknown option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(OPTIONS)}")
-    checked = set()
-    for t in planned:  # what a data-dependent quantizer reads (a checkpoint file) is checked before any write
-        q = _data_quantizer(t.point)
-        if q is not None and (str(q), t.point.dataset) not in checked:
-            checked.add((str(q), t.point.dataset))
-            q.check(session.source(t.point.dataset))
-    both = next((t.point for t in planned if t.point.act and _own_act(t.point)), None)
-    if both is not None:
-        raise UserError(f"{both.edit} quantizes its own activations ({_own_act(both)}); drop --act / act")
-
-
-def _validate_edit(session: Session, planned: list[Planned]) -> None:
-    _validate_common(session, planned)
-    if session.grid.datasets:
-        raise UserError("experiment 'edit' takes no datasets; use experiment 'reliability' to evaluate")
-    model_edits = sorted({t.point.edit for t in planned if isinstance(_edit_of(t.point), ModelEdit)})
-    if model_edits:
-        raise UserError(f"{model_edits[0]} edits the model from evaluated outputs; use experiment 'reliability'")
-    if any(_data_dependent(t.point) for t in planned):  # no --datasets here: the embedded calibration split
-        session.check_calibration_disjoint(None)
-
-
-def _validate_reliability(session: Session, planned: list[Planned]) -> None:
-    _validate_common(session, planned)
-    for suite in dict.fromkeys(t.point.dataset for t in planned):
-        session.evaluator(suite)  # loads (and checks) every dataset before anything is written
-    needs_cal = {t.point.dataset for t in planned if act_of(t.point) or t.point.match == "output"
-                 or isinstance(_edit_of(t.point), ModelEdit) or _data_dependent(t.point)}
-    for suite in needs_cal:
-        session.calibration(suite)
-    for suite in {t.point.dataset for t in planned if act_of(t.point) or _data_dependent(t.point)}:
-        session.check_calibration_disjoint(suite)
-
-
-def _data_quantizer(p: Point) -> Any:
-    """The point's data-dependent quantizer (its edit, or the quantizer its control is matched to), or None."""
-    from interventions.dataquant import is_data_dependent
-
-    edit = _edit_of(p)
-    q = getattr(edit, "q_spec", None) if getattr(edit, "uses_quant", lambda: False)() else None
-    for cand in (edit, None if q is None else parse_edit(q)):
-        if is_data_dependent(cand):
-            return cand
-    return None
-
-
-def _data_dependent(p: Point) -> bool:
-    """Whether the point's quantizer (its edit, or the quantizer its control is matched to) needs calibration data."""
-    from interventions.dataquant import needs_calibration
-
-    return needs_calibration(_data_quantizer(p))
-
-
-def _edit_of(p: Point) -> Any:
-    return None if p.edit is None else parse_edit(p.edit)
-
-
-def _own_act(p: Point) -> str | None:
-    """The activation spec the point's edit applies itself (a W·A· quantizer such as SmoothQuant), else None."""
-    return getattr(_edit_of(p), "act_spec", None)
-
-
-def act_of(p: Point) -> str | None:
-    """The activation fake-quant the run applies: the grid's (`--act`) or the edit's own."""
-    return p.act or _own_act(p)
-
-
 def _edit_tables(p: Point, runner: "Runner", model: nn.Module, report: EditReport | None) -> dict[str, pd.DataFrame]:
     tables: dict[str, pd.DataFrame] = {}
     opts = runner.session.grid.options
     if report is not None:
         tables["edits"] = report.frame()
-        if opts.get("gains", True) and isinstance(_edit_of(p), Edit):
+        if opts.get("gains", True) and isinstance(edit_of(p), Edit):
             tables["gains"] = runner.session.gain_profile(p, model)
     return tables
 
 
-@register_experiment("edit", "apply the edit; record δ and coverage per matrix and the singular values", _validate_edit)
+@register_experiment("edit", "apply the edit; record δ and coverage per matrix and the singular values", validate_edit)
 def edit_experiment(p: Point, runner: "Runner") -> RunResult:
     """The cheapest real run: edit a copy of the model and record what changed (METHODS §8 edits.csv, spectra)."""
     from spectral.metrics import spectrum_metrics
@@ -263,7 +190,7 @@ def _with_ce_rel(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
 
 
 @register_experiment("reliability", "apply the edit and run the evaluator: metrics and per-sample outputs",
-                     _validate_reliability, _with_ce_rel)
+                     validate_reliability, _with_ce_rel)
 def reliability_experiment(p: Point, runner: "Runner") -> RunResult:
     """Edit a copy of the model, evaluate it on the point's dataset suite, keep the per-sample outputs (METHODS §8)."""
     from eval.metrics.table import variant_metrics, variant_reliability
@@ -339,11 +266,11 @@ class Runner:
         report = None
         if p.edit is not None:
             report = edit_model(parse_edit(p.edit), model, p, self)
-            if isinstance(_edit_of(p), Edit):
+            if isinstance(edit_of(p), Edit):
                 self.say(report.summary() + _match_note(report))
-        own = _own_act(p)  # a W·A· quantizer's own activation quantization, with its per-input scales
+        own = own_act(p)  # a W·A· quantizer's own activation quantization, with its per-input scales
         if p.act or own:
-            scales = _edit_of(p).act_scales(self.session.source(p.dataset)) if own else None
+            scales = edit_of(p).act_scales(self.session.source(p.dataset)) if own else None
             self.say("  " + self.session.quantize_activations(model, p.act or own, p.dataset, scales))
         return model, report
 

@@ -34,6 +34,7 @@ from eval.folders import claim
 from eval.version import code_version
 from interventions.actquant import SEED_SETTINGS
 from interventions.backends import add_backend_args, command_setup, failed_line
+from interventions.checks import act_of
 from interventions.cli import add_eval_options, eval_options
 from interventions.grid import Grid, Point, expand, points_of
 from interventions.idfeatures import OPTION as ID_FEATURES
@@ -43,7 +44,7 @@ from interventions.referee.compare import COLUMNS, EXTRA_COLUMNS, Group, compare
 from interventions.referee.endpoints import endpoints_of
 from interventions.referee.features import write_features
 from interventions.referee.persample import RunSamples
-from interventions.runner import Runner, act_of, plan, run_plan
+from interventions.runner import Runner, plan, run_plan
 from interventions.session import Session
 from interventions.store import ResultsStore
 from interventions.threads import threads

@@ -15,11 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from eval.errors import UserError
@@ -27,6 +25,7 @@ from interventions.dataquant import ModelSource, source_contexts
 from interventions.filequant import FileQuantizer, row_grid
 from interventions.registry import apply_edit, parse_edit
 from spectral.views import weight_views
+from tests.images import colour_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
@@ -53,21 +52,7 @@ def _apply_file(model: torch.nn.Module, spec: str, layers: str = "core"):
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory) -> str:
     """Small generated image folders: a 3-class ID set, a calibration split, an OOD folder."""
-    root = tmp_path_factory.mktemp("fq_suite")
-    rng = np.random.default_rng(0)
-    for split, n in (("test", 20), ("cal", 8)):
-        for c, name in enumerate(("red", "green", "blue")):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(n):
-                a = (rng.random((32, 32, 3)) * 90).astype(np.uint8)
-                a[..., c] += 140
-                Image.fromarray(a).save(d / f"{i}.png")
-    (root / "ood").mkdir()
-    for i in range(20):
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(root / "ood" / f"{i}.png")
-    return (f"imagefolder:id={root / 'test'},imagefolder:cal={root / 'cal'}?role=calibration,"
-            f"ood:rand={root / 'ood'}")
+    return colour_suite(tmp_path_factory.mktemp("fq_suite"), 20, 8, 20)
 
 
 # ------------------------------------------------------------------------------------------------ spec and hash

@@ -12,6 +12,7 @@ from statsmodels.stats.multitest import multipletests
 from eval import stats as S
 from interventions import ablation as A
 from interventions.referee import verdict as V
+from tests.images import colour_suite
 
 
 # ------------------------------------------------------------------------------------------- verdict logic
@@ -104,24 +105,7 @@ def test_verdict_branches():
 @pytest.fixture(scope="module")
 def image_suite(tmp_path_factory) -> str:
     """Small generated image trees: a 3-class ID set, a calibration split and an OOD folder."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("suite")
-    rng = np.random.default_rng(0)
-    for split, n in (("test", 30), ("cal", 12)):
-        for c, name in enumerate(("red", "green", "blue")):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(n):
-                a = (rng.random((32, 32, 3)) * 90).astype(np.uint8)
-                a[..., c] += 140
-                Image.fromarray(a).save(d / f"{i}.png")
-    d = root / "ood"
-    d.mkdir()
-    for i in range(40):
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(d / f"{i}.png")
-    return (f"imagefolder:id={root / 'test'},imagefolder:cal={root / 'cal'}?role=calibration,"
-            f"ood:rand={root / 'ood'}")
+    return colour_suite(tmp_path_factory.mktemp("suite"), 30, 12, 40)
 
 
 def test_ablation_end_to_end(tmp_path, tiny_config_path, image_suite, pinned, capsys):
