@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +33,7 @@ class ModelInfo:
     """What was loaded, recorded in every results folder's config.json."""
 
     name: str
-    source: str  # "embedded" | "hub" | "file" | "random"
+    source: str  # "embedded" | "hub" | "file" | "random" | "hf" (a transformers model: name = its directory / hf:ID)
     pretrained: str | None
     checkpoint_hash: str
     logit_scale: float
@@ -43,10 +43,28 @@ class ModelInfo:
 
 @dataclass
 class LoadedModel:
+    """A model, its metadata, and its eval preprocessing and tokenizer, each built on first use (`make_*`): the
+    weight views and spectra need neither, so e.g. `python -m spectral --list` works offline for a model whose
+    tokenizer lives on the hub. A tokenizer that cannot be built is a one-line UserError when first asked for."""
+
     model: nn.Module
-    preprocess: Callable[[Any], torch.Tensor]
-    tokenizer: Callable[..., torch.Tensor]
     info: ModelInfo
+    make_preprocess: Callable[[], Callable[[Any], torch.Tensor]]
+    make_tokenizer: Callable[[], Callable[..., torch.Tensor]]
+    _built: dict[str, Callable] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _get(self, key: str, make: Callable[[], Callable]) -> Callable:
+        if key not in self._built:
+            self._built[key] = make()
+        return self._built[key]
+
+    @property
+    def preprocess(self) -> Callable[[Any], torch.Tensor]:
+        return self._get("preprocess", self.make_preprocess)
+
+    @property
+    def tokenizer(self) -> Callable[..., torch.Tensor]:
+        return self._get("tokenizer", self.make_tokenizer)
 
 
 # Model-config fields that must be positive integers (open_clip's CLIPVisionCfg / CLIPTextCfg); `layers` and
@@ -238,6 +256,34 @@ def _check_tag(model_name: str, tag: str) -> None:
                         f"known tags: {allowed}; or pass a checkpoint path")
 
 
+def _context_length(model: nn.Module, model_name: str) -> int:
+    """The text context length from the model (or its open_clip config), without building the tokenizer."""
+    n = getattr(model, "context_length", 0) or getattr(getattr(model, "text", None), "context_length", 0)
+    if not n:
+        cfg = open_clip.get_model_config(model_name) or {}
+        n = (cfg.get("text_cfg") or {}).get("context_length", 0)
+    return int(n or 0)
+
+
+def _tokenizer(model_name: str) -> Callable[..., torch.Tensor]:
+    """open_clip's tokenizer for the model; one whose files live on the Hugging Face hub (SigLIP, multilingual
+    text towers) and are not cached offline is a one-line UserError."""
+    hf_name = ((open_clip.get_model_config(model_name) or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
+    if hf_name:
+        _go_offline_if_unreachable()
+    try:
+        logging.disable(logging.CRITICAL)
+        return open_clip.get_tokenizer(model_name)
+    except Exception as exc:
+        if not hf_name:
+            raise
+        raise UserError(f"the tokenizer of {model_name} ({hf_name} on the Hugging Face hub) is not cached and could "
+                        f"not be downloaded ({type(exc).__name__}); the weight views and spectra need no tokenizer, "
+                        "evaluation does: cache it where there is network") from None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def load_model(name: str | None = None, pretrained: str | None = None, *, device: str = "cpu",
                allow_nonfinite: bool = False) -> LoadedModel:
     """Load a CLIP model with its eval preprocessing, tokenizer and metadata.
@@ -245,9 +291,19 @@ def load_model(name: str | None = None, pretrained: str | None = None, *, device
     name: None/"embedded" (the embedded Fashion-MNIST CLIP), an open_clip model name, or a config `.json`.
     pretrained: None (embedded: its checkpoint; otherwise random init), a hub tag, or a checkpoint path.
     allow_nonfinite: load weights holding NaN or inf (with a warning) instead of refusing them (`check_finite`).
+    A Hugging Face CLIPModel/SiglipModel directory (config.json + weights) or `hf:ORG/NAME` hub id as `name` loads
+    through `eval.hf` (the `[hf]` extra). The tokenizer is built on first use of `LoadedModel.tokenizer`.
     """
     logging.getLogger("open_clip").setLevel(logging.ERROR)
     logging.getLogger("root").setLevel(logging.ERROR)
+    from eval.hf import hf_source
+
+    hf = hf_source(name)
+    if hf is not None:
+        from eval.hf import load_hf
+
+        assert name is not None
+        return load_hf(name, hf, pretrained, device=device, allow_nonfinite=allow_nonfinite)
     model_name, embedded = _resolve_name(name)
     config = str(name) if name is not None and str(name).endswith(".json") else None
     if embedded and pretrained is None and EMBEDDED_CHECKPOINT.is_file():
@@ -281,7 +337,6 @@ def load_model(name: str | None = None, pretrained: str | None = None, *, device
     origin = {"random": f"the random init of {model_name}", "hub": f"hub weights {model_name}/{pretrained}"}
     check_finite(model, origin.get(source, f"checkpoint {pretrained!r}"), allow=allow_nonfinite)
     model = model.to(device).eval()
-    tokenizer = open_clip.get_tokenizer(model_name)
     digest = named_tensors_hash(sorted(model.state_dict().items()))
     image_size = getattr(model.visual, "image_size", None) or (0, 0)
     if isinstance(image_size, int):
@@ -293,6 +348,7 @@ def load_model(name: str | None = None, pretrained: str | None = None, *, device
         checkpoint_hash=digest,
         logit_scale=float(model.logit_scale.detach().exp().item()),
         image_size=tuple(int(s) for s in image_size),
-        context_length=int(getattr(model, "context_length", 0) or getattr(tokenizer, "context_length", 0)),
+        context_length=_context_length(model, model_name),
     )
-    return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, info=info)
+    return LoadedModel(model=model, info=info, make_preprocess=lambda: preprocess,
+                       make_tokenizer=lambda: _tokenizer(model_name))

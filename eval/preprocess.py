@@ -97,13 +97,17 @@ def pil_resize(x: UInt8[Tensor, "b c h w"], out_h: int, out_w: int,
     return torch.from_numpy(pil_resize_array(x.cpu().numpy(), out_h, out_w, interpolation))
 
 
-def _center_crop(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """torchvision's center_crop offsets (round((h − ch)/2)); pads like it when the crop is larger."""
+def _center_crop(x: np.ndarray, size: tuple[int, int], floor: bool = False) -> np.ndarray:
+    """torchvision's center_crop offsets (round((h − ch)/2)), or transformers' ⌊(h − ch)/2⌋ with `floor`
+    (`eval.hf_preprocess.FloorCenterCrop`); pads like torchvision when the crop is larger."""
     ch, cw = size
     h, w = x.shape[-2:]
     if ch > h or cw > w:
         return TF.center_crop(torch.from_numpy(x), [ch, cw]).numpy()
-    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    if floor:
+        top, left = (h - ch) // 2, (w - cw) // 2
+    else:
+        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
     return x[..., top:top + ch, left:left + cw]
 
 
@@ -125,7 +129,7 @@ class TensorPath:
                 if (out_h, out_w) != tuple(x.shape[-2:]):
                     x = pil_resize_array(x, out_h, out_w, interp)
             elif kind == "crop":
-                x = _center_crop(x, step[1])
+                x = _center_crop(x, step[1], step[2])
             elif kind == "rgb":
                 if x.shape[1] == 1:
                     x = np.broadcast_to(x, (x.shape[0], 3, *x.shape[2:]))
@@ -141,7 +145,7 @@ def _tensor_path(pre: Sequence[Any]) -> TensorPath | None:
             size = [t.size] if isinstance(t.size, int) else list(t.size)
             steps.append(("resize", size, t.max_size, t.interpolation))
         elif isinstance(t, T.CenterCrop):
-            steps.append(("crop", tuple(t.size)))
+            steps.append(("crop", tuple(t.size), bool(getattr(t, "floor_offsets", False))))
         elif ((name == "MaybeConvertMode" and getattr(t, "mode", None) == "RGB")
               or getattr(t, "__name__", "") == "_convert_to_rgb"):
             steps.append(("rgb",))

@@ -16,6 +16,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from spectral.hf_views import hf_view_specs
+
 CORE_KINDS = ("q", "k", "v", "out", "fc", "proj")
 OPTIONAL_KINDS = ("patch_embed", "head", "embed")
 GENERIC_KINDS = ("linear", "conv", "other")
@@ -120,6 +122,10 @@ def weight_views(model: nn.Module) -> list[WeightView]:
     views: list[WeightView] = []
     for pname, p in model.named_parameters():
         if p.ndim < 2 or _NEVER.search(pname):
+            continue
+        hf = hf_view_specs(pname, tuple(p.shape))  # transformers CLIP/SigLIP names (spectral/hf_views.py)
+        if hf is not None:
+            views += [WeightView(**spec, param_name=pname, param=p) for spec in hf]
             continue
         tower = _tower_of(pname)
         m = _BLOCK.match(pname)
