@@ -79,8 +79,9 @@ def cli_main(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[Se
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model/--pretrained/--device, identical in every CLI (see eval.loading.load_model)."""
     parser.add_argument("--model", default=None,
-                        help="open_clip model name (e.g. ViT-B-32) or a model-config .json; "
-                             "default: the embedded Fashion-MNIST CLIP")
+                        help="open_clip model name (e.g. ViT-B-32), a model-config .json, a Hugging Face "
+                             "CLIPModel/SiglipModel directory (save_pretrained) or hub id hf:ORG/NAME (the [hf] "
+                             "extra); default: the embedded Fashion-MNIST CLIP")
     parser.add_argument("--pretrained", default=None,
                         help="hub tag (e.g. openai, laion2b_s34b_b79k; needs network or a warm cache) "
                              "or a local checkpoint file")

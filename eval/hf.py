@@ -106,8 +106,10 @@ def _hub_family(transformers: Any, ident: str) -> str:
 def _load_weights(transformers: Any, family: str, source: str, where: str) -> torch.nn.Module:
     """from_pretrained in float32 (METHODS §7), refusing weights that leave parameters missing or misshaped."""
     cls = getattr(transformers, MODEL_CLASSES[family])
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}  # renamed in 4.56
     try:
-        model, info = cls.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
+        model, info = cls.from_pretrained(source, **dtype, output_loading_info=True)
     except Exception as exc:
         raise UserError(f"{where} could not be loaded ({_first_line(exc)})") from None
     missing = list(info.get("missing_keys") or [])
@@ -124,13 +126,28 @@ def _load_weights(transformers: Any, family: str, source: str, where: str) -> to
     return model
 
 
+def _has(source: str, names: tuple[str, ...]) -> bool:
+    return any((Path(source) / f).is_file() for f in names)
+
+
+def _missing(source: str, where: str) -> str:
+    """One line naming everything evaluation needs that the directory lacks (tokenizer, image processor)."""
+    parts = []
+    if not _has(source, TOKENIZER_FILES):
+        parts.append(f"no tokenizer files (one of {', '.join(TOKENIZER_FILES)}, with tokenizer_config.json)")
+    if not _has(source, PROCESSOR_FILES):
+        parts.append("no image processor settings (preprocessor_config.json)")
+    return (f"{where} has {' and '.join(parts)}, which evaluation needs; write them with "
+            "processor.save_pretrained(DIR) (CLIPProcessor / SiglipProcessor, or the tokenizer and image processor "
+            "separately)")
+
+
 def _preprocess_factory(transformers: Any, source: str, local: bool, where: str) -> Callable[[], Callable]:
     def build() -> Callable:
         from eval.hf_preprocess import hf_transform
 
-        if local and not any((Path(source) / f).is_file() for f in PROCESSOR_FILES):
-            raise UserError(f"{where} has no image processor settings (preprocessor_config.json); write them with "
-                            "processor.save_pretrained(DIR) (e.g. CLIPImageProcessor, SiglipImageProcessor)")
+        if local and not _has(source, PROCESSOR_FILES):
+            raise UserError(_missing(source, where))
         try:
             processor = transformers.AutoImageProcessor.from_pretrained(source)
         except Exception as exc:
@@ -144,9 +161,8 @@ def _tokenizer_factory(transformers: Any, source: str, local: bool, length: int,
     def build() -> Callable:
         from eval.hf_model import HFTokenize
 
-        if local and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
-            raise UserError(f"{where} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}, with "
-                            "tokenizer_config.json); write them with tokenizer.save_pretrained(DIR)")
+        if local and not _has(source, TOKENIZER_FILES):
+            raise UserError(_missing(source, where))
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(source)
         except ImportError as exc:  # e.g. a SentencePiece tokenizer without the sentencepiece package
