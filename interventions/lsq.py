@@ -235,7 +235,8 @@ class LSQQuantizer(DataQuantizer):
             owner, _, leaf = pname.rpartition(".")
             fused[pname] = _FusedQuant(vs, inits, self).to(dev)
             parametrize.register_parametrization(modules[owner], leaf, fused[pname])
-        dtype = fp.visual.conv1.weight.dtype if hasattr(fp, "visual") else torch.float32  # as the evaluator
+        dtype = next((p.dtype for p in fp.visual.parameters() if p.is_floating_point()), torch.float32) \
+            if hasattr(fp, "visual") else torch.float32  # as the evaluator (any vision tower, HF's too)
         images = cal.images.to(dev, dtype) if any(v.tower == "visual" for v in views) else None
         tokens = cal.tokens.to(dev) if any(v.tower == "text" for v in views) else None
         if images is None and tokens is None:

@@ -130,3 +130,13 @@ def test_lazy_tokenizer_error_is_user_error(hf_dirs):
     assert loaded.preprocess is loaded.preprocess  # built once
     with pytest.raises(UserError, match="has no tokenizer files"):
         _ = loaded.tokenizer
+
+
+@pytest.mark.slow
+def test_data_dependent_quantizers_run_on_hf(hf_dirs, tmp_path):
+    """LSQ (feature distillation through encode_image/encode_text) and a W·A· quantizer on an HF CLIPModel."""
+    r = _run("interventions.quantize", "--model", hf_dirs["clip"], "--spec", "lsq-int4-ch:2", "--act", "a8",
+             "--noise-severities", "none", "--out", str(tmp_path / "q"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    edits = pd.read_csv(tmp_path / "q" / "edits.csv")
+    assert set(edits["variant"]) == {"lsq-int4-ch:2+a8"} and set(edits["tower"]) == {"visual", "text"}
