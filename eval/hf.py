@@ -32,8 +32,8 @@ MODEL_CLASSES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
 def hf_source(name: str | None) -> str | None:
     """The Hugging Face source `--model` names (a hub id or a directory), or None when it is not one.
 
-    `hf:ID` is a hub id (or, when ID is an existing directory, that directory); a bare directory counts when it
-    holds a config.json.
+    `hf:ID` is a hub id (or, when ID is an existing directory, that directory); a bare directory must hold a
+    config.json.
     """
     if not name:
         return None
@@ -44,8 +44,12 @@ def hf_source(name: str | None) -> str | None:
                             "or a local model directory")
         return ident
     path = Path(name)
-    if path.is_dir() and (path / "config.json").is_file():
-        return name
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return name
+        raise UserError(f"--model {name!r} is a directory without a config.json; pass a Hugging Face CLIPModel/"
+                        "SiglipModel directory as save_pretrained writes it, open_clip's local-dir:DIR, an open_clip "
+                        "model name or a model-config .json")
     return None
 
 
@@ -104,12 +108,13 @@ def _hub_family(transformers: Any, ident: str) -> str:
 
 
 def _load_weights(transformers: Any, family: str, source: str, where: str) -> torch.nn.Module:
-    """from_pretrained in float32 (METHODS §7), refusing weights that leave parameters missing or misshaped."""
+    """from_pretrained in float32 (METHODS §7), refusing weights that leave parameters missing or misshaped (loaded
+    with `ignore_mismatched_sizes` only so that transformers lists them instead of pointing to a report)."""
     cls = getattr(transformers, MODEL_CLASSES[family])
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}  # renamed in 4.56
     try:
-        model, info = cls.from_pretrained(source, **dtype, output_loading_info=True)
+        model, info = cls.from_pretrained(source, **dtype, output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as exc:
         raise UserError(f"{where} could not be loaded ({_first_line(exc)})") from None
     missing = list(info.get("missing_keys") or [])
@@ -117,7 +122,10 @@ def _load_weights(transformers: Any, family: str, source: str, where: str) -> to
     if missing or mismatched:
         parts = [f"{len(missing)} missing tensors (e.g. {sorted(missing)[0]})"] if missing else []
         if mismatched:
-            parts.append(f"{len(mismatched)} tensors with the wrong shape (e.g. {mismatched[0]})")
+            first = mismatched[0]
+            what = (f"{first[0]}: {tuple(first[1])} in the weights, {tuple(first[2])} in the config"
+                    if isinstance(first, (tuple, list)) and len(first) == 3 else str(first))
+            parts.append(f"{len(mismatched)} tensors with the wrong shape (e.g. {what})")
         raise UserError(f"the weights of {where} do not fit its config.json: {', '.join(parts)}")
     unexpected = list(info.get("unexpected_keys") or [])
     if unexpected:

@@ -21,6 +21,7 @@ from eval.errors import UserError
 # transformers' PILImageResampling values (= PIL's) -> torchvision modes
 RESAMPLE = {0: T.InterpolationMode.NEAREST, 1: T.InterpolationMode.LANCZOS, 2: T.InterpolationMode.BILINEAR,
             3: T.InterpolationMode.BICUBIC, 4: T.InterpolationMode.BOX, 5: T.InterpolationMode.HAMMING}
+SIZE_KEYS = ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width")
 
 
 class FloorCenterCrop(T.CenterCrop):
@@ -43,7 +44,7 @@ def _get(processor: Any, key: str) -> Any:
     if size is None:
         return {}
     if not isinstance(size, dict):  # transformers' SizeDict
-        size = {k: getattr(size, k, None) for k in ("height", "width", "shortest_edge", "longest_edge")}
+        size = {k: getattr(size, k, None) for k in SIZE_KEYS}
     return {k: v for k, v in size.items() if v is not None}
 
 

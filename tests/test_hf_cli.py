@@ -108,6 +108,15 @@ def test_bad_hf_inputs_one_line(hf_dirs, tmp_path):
     _one_line_error(_run("spectral", "--list", "--model", str(empty)), "no weights")
     (empty / "model.safetensors").write_bytes(b"not a safetensors file")
     _one_line_error(_run("spectral", "--list", "--model", str(empty)), "could not be loaded")
+    config = json.loads((Path(hf_dirs["clip"]) / "config.json").read_text())
+    for key, value, needle in (("num_hidden_layers", 3, "16 missing tensors (e.g. text_model.encoder.layers.2."),
+                               ("intermediate_size", 48, "tensors with the wrong shape (e.g. text_model.encoder.")):
+        bad = tmp_path / f"bad-{key}"
+        bad.mkdir()
+        (bad / "model.safetensors").write_bytes((Path(hf_dirs["clip"]) / "model.safetensors").read_bytes())
+        (bad / "config.json").write_text(json.dumps({**config, "text_config": {**config["text_config"], key: value}}))
+        _one_line_error(_run("spectral", "--list", "--model", str(bad)), needle)
+    _one_line_error(_run("spectral", "--list", "--model", str(tmp_path)), "is a directory without a config.json")
 
 
 @pytest.mark.slow
