@@ -52,8 +52,8 @@ def test_spectral_list_shows_towers_and_kinds(hf_dirs, family):
     assert rows["text.blocks.1.mlp.proj"][1:4] == ["text", "1", "proj"]
     assert rows["visual.blocks.1.attn.out"][-1] == "*" and rows["visual.conv1"][-1] != "*"
     assert "24 of" in r.stdout.splitlines()[-1] and "parameters (" in r.stdout.splitlines()[-1]
-    r = _run("spectral", "--list", "--model", hf_dirs[family], "--layers", "kind=q")
-    assert r.stdout.splitlines()[-1].startswith("4 of")
+    r = _run("spectral", "--list", "--model", f"hf:{hf_dirs[family]}", "--layers", "kind=q")  # hf:DIR: the same
+    assert r.stdout.splitlines()[-1].startswith("4 of"), r.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -76,6 +76,10 @@ def test_lowrank_end_to_end(hf_dirs, family, tmp_path):
 def test_model_only_dir_lists_but_evaluation_names_what_is_missing(hf_dirs, tmp_path):
     r = _run("spectral", "--list", "--model", hf_dirs["model-only"])
     assert r.returncode == 0 and "visual.head.attn.q" in r.stdout, r.stderr[-2000:]
+    r = _run("spectral", "--model", hf_dirs["model-only"], "--out", str(tmp_path / "spectra"))  # no tokenizer needed
+    assert r.returncode == 0, r.stderr[-2000:]
+    spectra = pd.read_csv(tmp_path / "spectra" / "spectra.csv")
+    assert len(spectra) == 24 and set(spectra["tower"]) == {"visual", "text"}
     _one_line_error(_run("eval", "--model", hf_dirs["no-tokenizer"], "--out", str(tmp_path / "a")),
                     "has no tokenizer files")
     line = _one_line_error(_run("eval", "--model", hf_dirs["model-only"], "--out", str(tmp_path / "b")),
