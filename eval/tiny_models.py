@@ -5,23 +5,26 @@ architectures (`clipspec_tiny_*`, built by timm's own VisionTransformer / Eva / 
 `build_model_with_cfg`), and the open_clip model configs in `eval/model_configs/` name them. Importing this
 module (as `eval.loading` does) registers both, so the names work in any process, CLI subprocesses included.
 
-| name           | vision tower                                               | text tower             |
-|----------------|------------------------------------------------------------|------------------------|
-| tiny-vit-map   | timm ViT, fused qkv, MAP attention pool (as ViT-B-16-SigLIP) | no causal mask, last-token pool, Linear proj, logit bias |
-| tiny-eva       | timm Eva: separate q/k/v_proj, SwiGLU, rotary (as EVA02-B-16) | open_clip              |
-| tiny-rn        | open_clip ModifiedResNet [3, 4, 6, 3], attention pool (as RN50) | open_clip          |
-| tiny-convnext  | timm ConvNeXt (1, 1, 3, 1) stages, Linear head (as convnext_base) | open_clip        |
-| tiny-coca      | open_clip ViT + attentional pool, caption decoder (as coca_ViT-B-32) | open_clip     |
+| name          | vision tower (as)                                                                   |
+|---------------|-------------------------------------------------------------------------------------|
+| tiny-vit-map  | timm ViT, fused qkv, MAP attention pool (ViT-B-16-SigLIP, and its text tower)       |
+| tiny-eva      | timm Eva: separate q/k/v_proj, SwiGLU, rotary embeddings (EVA02-B-16)               |
+| tiny-rn       | open_clip ModifiedResNet, stages [3, 4, 6, 3] at width 8, attention pool (RN50)     |
+| tiny-convnext | timm ConvNeXt, depths (1, 1, 3, 1), Linear head (convnext_base)                     |
+| tiny-coca     | open_clip ViT with attentional pool, and a caption decoder (coca_ViT-B-32)          |
 
-All use open_clip's bundled BPE tokenizer (vocabulary 49408, context 16); nothing is downloaded. (No name holds
-"siglip": open_clip would pick the SigLIP tokenizer by name, which needs a download.)
+Text towers are open_clip's (2 blocks; tiny-vit-map's as SigLIP's: no causal mask, last-token pool, Linear proj,
+logit bias). All use open_clip's bundled BPE tokenizer (vocabulary 49408, context 16); nothing is downloaded.
+No name holds "siglip": open_clip would pick the SigLIP tokenizer by name, which needs a download.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
 import open_clip
+from open_clip.transformer import MultimodalTransformer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt
 from timm.models.eva import Eva
@@ -68,4 +71,23 @@ def clipspec_tiny_convnext(pretrained: bool = False, **kwargs: Any) -> ConvNeXt:
     return _build("clipspec_tiny_convnext", pretrained, **kwargs)
 
 
+def _init_caption_decoder_projection() -> None:
+    """open_clip 3.3 leaves a random-init CoCa's `text_decoder.text_projection` as `torch.empty` memory (garbage,
+    sometimes NaN: its `init_parameters` is never called, and would fail on `self.transformer`). Give it the normal
+    init that method intends, std width^-1/2, at the end of `MultimodalTransformer.__init__` (patched once)."""
+    original = MultimodalTransformer.__init__
+    if getattr(original, "_clipspec", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self: MultimodalTransformer, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if self.text_projection is not None:
+            nn.init.normal_(self.text_projection, std=self.width ** -0.5)
+
+    __init__._clipspec = True  # type: ignore[attr-defined]
+    MultimodalTransformer.__init__ = __init__  # type: ignore[method-assign]
+
+
+_init_caption_decoder_projection()
 open_clip.add_model_config(CONFIG_DIR)

@@ -14,14 +14,15 @@ stage's downsampling conv joins the stage's first block. (`early`/`late` halve e
 Core set per family (attention and MLP matrices of both towers, METHODS §1; optional = not core, selected by
 `kind=` or `all`; never = no view at all):
 
-| family (vision class)            | core (vision)                                       | optional          |
-|----------------------------------|-----------------------------------------------------|-------------------|
-| open_clip ViT (`VisionTransformer`) | blocks q/k/v/out/fc/proj; CoCa's attn_pool q/k/v/out | conv1, proj     |
-| timm ViT, SigLIP (`vit_*siglip*`)| blocks q/k/v (fused qkv split)/out/fc/proj; MAP head attn_pool q/k/v (kv split)/out/fc/proj | patch_embed, proj (trunk.head) |
-| timm EVA02 (`Eva`)               | blocks q/k/v/out, SwiGLU gate/fc/proj               | patch_embed, proj |
-| open_clip ModifiedResNet (RN*)   | bottleneck conv1 (fc), conv2 (conv), conv3 (proj), downsample (conv); attnpool q/k/v/out | stem (patch_embed) |
-| timm ConvNeXt                    | conv_dw (conv), mlp fc/proj, stage downsample (conv) | stem (patch_embed), proj (head.proj) |
+| family (vision class)        | core (vision tower)                                           | optional         |
+|------------------------------|---------------------------------------------------------------|------------------|
+| open_clip `VisionTransformer`| blocks q/k/v/out/fc/proj; CoCa's attn_pool q/k/v/out          | conv1, proj      |
+| timm ViT (SigLIP `map` pool) | blocks q/k/v (qkv split)/out/fc/proj; attn_pool q/k/v (kv)/out/fc/proj | patch_embed |
+| timm `Eva` (EVA02)           | blocks q/k/v/out, SwiGLU gate (fc1_g)/fc (fc1_x)/proj         | patch_embed, proj|
+| open_clip `ModifiedResNet`   | conv1 (fc), conv2 (conv), conv3 (proj), downsample (conv); attn_pool q/k/v/out | stem |
+| timm `ConvNeXt`              | conv_dw (conv), mlp fc/proj, stage downsample (conv)          | stem, proj       |
 
+Stems are kind patch_embed; `proj` is the head (kind head: `visual.proj`, timm's `head` / TimmModel `head.proj`).
 Text tower (all): blocks q/k/v/out/fc/proj core; `text.proj` and `text.token_embedding` optional. CoCa's caption
 decoder (`decoder.*`, tower "other") is never core: it takes no part in zero-shot. Never viewed: position
 embeddings, class/register tokens, attention-pool latents (`attn_pool.latent`, CoCa's `attn_pool.query`),

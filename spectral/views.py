@@ -4,8 +4,9 @@ Every open_clip family gets canonical names by tower, block and kind (`visual.bl
 `text.blocks.0.mlp.fc`, `visual.proj`), from the naming rules of `spectral.families` (which also lists each
 family's core set): fused `in_proj_weight` / timm `qkv` / `kv` weights are split into q/k/v row slices,
 `visual.proj`/`text_projection` are transposed to out×in, convs (`conv1`, stems, CNN blocks) are reshaped to
-[out, in·kh·kw]. Any other ≥2-D weight of any `nn.Module` goes through a generic path (kind linear/conv/embed/other). `get()` returns a view sharing the parameter's storage (no copy);
-`set()` writes back into the real parameter in its own dtype.
+[out, in·kh·kw]. Any other ≥2-D weight of any `nn.Module` goes through a generic path (kind
+linear/conv/embed/other). `get()` returns a view sharing the parameter's storage (no copy); `set()` writes back
+into the real parameter in its own dtype.
 """
 from __future__ import annotations
 
