@@ -96,8 +96,8 @@ def _first_int(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _rows(prefix: str, parts: tuple[str, ...], tower: str, block: int | None, pname: str, p: Tensor,
-          core: bool) -> list[WeightView]:
+def _rows(prefix: str, parts: tuple[str, ...], tower: str, block: int | None, pname: str,
+          p: Float[Tensor, "rows in"], core: bool) -> list[WeightView]:
     """Split a fused [len(parts)·d, in] weight into one view per part, each writing back into its rows."""
     if p.ndim != 2 or p.shape[0] % len(parts):
         raise ValueError(f"{pname}: shape {tuple(p.shape)} does not split into {len(parts)} equal row blocks")
@@ -122,7 +122,9 @@ def _running_blocks(named: list[tuple[str, tuple[Rule, dict[str, str]] | None]])
     return out
 
 
-def _ruled(pname: str, p: Tensor, rule: Rule, groups: dict[str, str], block: int | None) -> list[WeightView]:
+def _ruled(pname: str, p: Float[Tensor, "out ..."], rule: Rule, groups: dict[str, str],
+           block: int | None) -> list[WeightView]:
+    """The view(s) a naming rule makes of one parameter (fused weights split by rows, `SPLITS`)."""
     tower = _tower_of(pname)
     name = rule.name.format(**{**groups, "b": block})
     if rule.kind in SPLITS:
