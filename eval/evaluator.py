@@ -356,7 +356,7 @@ class Evaluator:
                 out = SampleOutputs.from_features(
                     features=feats.detach().cpu().numpy(), class_weights=w.detach().cpu().T.numpy(),
                     mcm_weights=None if w_mcm is None else w_mcm.detach().cpu().T.numpy(), logit_scale=scale,
-                    logit_bias=0.0 if bias is None else float(bias), dataset=ds.name,
+                    logit_bias=0.0 if bias is None else float(torch.as_tensor(bias).detach()), dataset=ds.name,
                     role="noise" if severity is not None else ds.role, labels=ds.labels[pos], ids=ds.ids[pos],
                     groups=None if ds.groups is None else ds.groups[pos], severity=severity,
                     class_subset=ds.class_subset, order=i, probability=self.probability,

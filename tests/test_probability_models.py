@@ -123,3 +123,27 @@ def test_softmax_files_stay_as_they_were():
     s = SampleOutputs.from_arrays({**o.to_arrays(), "probability": np.array("sigmoid")})
     assert s.probability == "sigmoid"
     assert classification_metrics(s)["nll"] == pytest.approx(nll(Z.astype(np.float32), Y, "sigmoid"), rel=1e-12)
+
+
+def test_siglip_style_model_uses_its_own_bias():
+    """The SigLIP-style tiny family (timm trunk, map pool, init_logit_bias −10): z carries b; softmax metrics equal
+    those with b = 0 (float32 rounding of the stored logits aside), sigmoid keeps top-1."""
+    from eval.loading import load_model
+
+    clip = load_model("tiny-vit-map")
+    assert float(clip.model.logit_bias.detach()) == -10.0
+    ev, ev_sig = _eval(clip), _eval(clip, probability="sigmoid")
+    ev.run("own", clip.model)
+    ev_sig.run("own", clip.model)
+    zeroed = copy.deepcopy(clip.model)
+    with torch.no_grad():
+        zeroed.logit_bias.zero_()
+    ev.run("b0", zeroed)
+    z_own, z_0 = ev.outputs("own")["idset"].logits, ev.outputs("b0")["idset"].logits
+    np.testing.assert_allclose(z_own - z_0, -10.0, atol=1e-4)
+    m = ev.metrics().query("severity != severity").set_index(["variant", "dataset", "metric", "score"])["value"]
+    np.testing.assert_allclose(m.xs("own").sort_index().to_numpy(), m.xs("b0").sort_index().to_numpy(),
+                               rtol=1e-5, atol=1e-5)
+    ms = ev_sig.metrics().query("severity != severity and metric == 'top1'").set_index("dataset")["value"]
+    mo = ev.metrics().query("variant == 'own' and severity != severity and metric == 'top1'").set_index("dataset")
+    assert ms.equals(mo["value"])
