@@ -1,11 +1,13 @@
 """The reliability evaluator: one object, many variants, so differences come from the weights and nothing else.
 
 For every dataset (and every noise severity of the ID sets) one streamed forward pass gives unit-norm image
-features; logits z = s·f·W (METHODS §5, §7) serve every metric and OOD score. Image features are cached per
-vision-tower hash and text classifiers per text-tower hash, so a variant that changed only the vision tower does
-no text encoding and one that changed only the text tower runs no image forward pass. Tower hashes cover the
-tower's parameters, buffers, module types and forward-hook counts (`eval.zeroshot.tower_hash`); an evaluator is
-bound to one dataset list and one preprocessing, so (vision hash, dataset position, severity) identifies features.
+features; logits z = s·f·W + b (METHODS §5, §7; b = the model's `logit_bias`, 0 for CLIP) serve every metric and OOD
+score, through the probability model (`softmax` by default, or per-class `sigmoid`; recorded in config.json).
+Image features are cached per vision-tower hash and text classifiers per text-tower hash, so a variant that changed
+only the vision tower does no text encoding and one that changed only the text tower runs no image forward pass.
+Tower hashes cover the tower's parameters, buffers, module types and forward-hook counts (`eval.zeroshot.tower_hash`);
+an evaluator is bound to one dataset list and one preprocessing, so (vision hash, dataset position, severity)
+identifies features.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from eval.atomic import write_frame
 from eval.datasets import ImageDataset
 from eval.errors import UserError
 from eval.metrics.calibration import N_BINS
+from eval.metrics.classification import SOFTMAX, probability_model
 from eval.metrics.table import FP_VARIANT, combine, noise_errors, variant_metrics, variant_reliability
 from eval.noise import DEFAULT_SEVERITIES, add_noise
 from eval.preprocess import SplitPreprocess, array_source, split_preprocess
@@ -92,7 +95,8 @@ class Evaluator:
                  batch_size: int = 256, out_dir: Path | None = None,
                  noise_severities: Sequence[float] = DEFAULT_SEVERITIES, noise_subset: int | None = 2000,
                  noise_roles: Sequence[str] = ("id",), num_workers: int | None = None, feature_cache_size: int = 2,
-                 n_bins: int = N_BINS, keep_outputs: bool = True, progress: bool = True) -> None:
+                 n_bins: int = N_BINS, keep_outputs: bool = True, progress: bool = True,
+                 probability: str = SOFTMAX) -> None:
         self.datasets = list(datasets)
         if not self.datasets:
             raise UserError("no datasets to evaluate")
@@ -111,6 +115,8 @@ class Evaluator:
             import open_clip
 
             preprocess = open_clip.image_transform(image_size, is_train=False)
+        probability_model(probability)  # one line naming the allowed models
+        self.probability = probability
         self.tokenizer = tokenizer
         self.templates = templates
         self.mcm_templates = mcm_templates
@@ -350,10 +356,10 @@ class Evaluator:
                 out = SampleOutputs.from_features(
                     features=feats.detach().cpu().numpy(), class_weights=w.detach().cpu().T.numpy(),
                     mcm_weights=None if w_mcm is None else w_mcm.detach().cpu().T.numpy(), logit_scale=scale,
-                    logit_bias=0.0 if bias is None else float(bias), dataset=ds.name,
+                    logit_bias=0.0 if bias is None else float(torch.as_tensor(bias).detach()), dataset=ds.name,
                     role="noise" if severity is not None else ds.role, labels=ds.labels[pos], ids=ds.ids[pos],
                     groups=None if ds.groups is None else ds.groups[pos], severity=severity,
-                    class_subset=ds.class_subset, order=i,
+                    class_subset=ds.class_subset, order=i, probability=self.probability,
                 )
                 results[severity_key(ds.name, severity)] = out
                 if self.out_dir is not None:
@@ -386,6 +392,7 @@ class Evaluator:
         """The evaluation protocol, for config.json."""
         return {
             "templates": self.templates, "mcm_templates": self.mcm_templates, "n_bins": self.n_bins,
+            "probability": self.probability,
             "noise_severities": list(self.noise_severities), "noise_subset": self.noise_subset,
             "noise_subset_seed": NOISE_SUBSET_SEED, "batch_size": self.batch_size, "device": self.device,
             "preprocess": self.split.identity,

@@ -20,6 +20,7 @@ import torch
 from open_clip.factory import load_state_dict as open_clip_load_state_dict
 from torch import nn
 
+import eval.tiny_models  # noqa: F401  (registers the tiny family models: --model tiny-vit-map, …)
 from eval.embedded import EMBEDDED_CHECKPOINT, EMBEDDED_CONFIG, EMBEDDED_NAME
 from eval.errors import UserError
 from eval.hashing import named_tensors_hash

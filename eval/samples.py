@@ -7,7 +7,8 @@
   K = 1 000, d = 512) that is 56 MB instead of 400 MB of two float32 logit sets.
 - *logits*: z (N×K float32) and, where MCM has its own templates, the MCM logits (small K, e.g. the embedded set).
 
-Both carry labels (−1 for OOD), ids, groups, class subset, role and order. One reader (`SampleOutputs.from_arrays`,
+Both carry labels (−1 for OOD), ids, groups, class subset, role, order and the probability model (`softmax` or
+`sigmoid`, METHODS §5; files without one are softmax). One reader (`SampleOutputs.from_arrays`,
 `load_sample_file`) accepts either form and today's logits files; `.logits`, `.mcm_logits` and `masked_logits()`
 give logits whatever the form (composed on first use and kept), `logit_blocks()` streams them without keeping them.
 A features-form output rounds its features to float16 when it is made, so the evaluator's metrics are computed from
@@ -25,6 +26,7 @@ import numpy as np
 from jaxtyping import Float, Int, Shaped
 
 from eval.atomic import atomic_write
+from eval.metrics.classification import SOFTMAX, probability_model
 
 SAMPLES_DIR = "samples"
 ROWS = 4096  # rows per composed block: logits are always composed in these aligned blocks (bit-identical reads)
@@ -124,8 +126,10 @@ class SampleOutputs:
     class_weights: Float[np.ndarray, "k d"] | None = field(default=None, repr=False)
     mcm_weights: Float[np.ndarray, "k d"] | None = field(default=None, repr=False)
     logit_bias: float = 0.0
+    probability: str = SOFTMAX  # METHODS §5: how every metric turns these logits into probabilities
 
     def __post_init__(self) -> None:
+        probability_model(self.probability)  # refuses an unknown name
         self.labels = np.asarray(self.labels, dtype=np.int64)
         ids = np.asarray(self.ids)
         self.ids = ids.astype(str) if ids.dtype == object else ids
@@ -269,6 +273,8 @@ class SampleOutputs:
             "severity": np.array(np.nan if self.severity is None else float(self.severity)),
             "order": np.array(int(self.order)),
         }
+        if self.probability != SOFTMAX:  # softmax files stay as they were
+            arrays["probability"] = np.array(self.probability)
         if self.form == "features":
             arrays["features"], arrays["class_weights"] = self.features, self.class_weights
             if self.has_mcm and self.mcm_weights is not None:
@@ -306,6 +312,7 @@ class SampleOutputs:
             groups=get("groups"), severity=None if math.isnan(sev) else sev, class_subset=get("class_subset"),
             mcm_logits=mcm, order=int(get("order", np.array(0))), features=features,
             class_weights=get("class_weights"), mcm_weights=get("mcm_weights"),
+            probability=str(get("probability", np.array(SOFTMAX))),
         )
 
 

@@ -268,6 +268,8 @@ class Results:
         arrays = {k: v for k, v in raw.items() if k not in ("features", "class_weights", "mcm_weights")}
         arrays["logits"] = out.masked_logits().astype(np.float64)  # METHODS §5: 200-class sets scored on their classes
         arrays["labels"] = out.labels
+        arrays["probability"] = np.array(out.probability)  # METHODS §5: softmax unless the run chose sigmoid
+        arrays["logit_bias"] = np.array(out.logit_bias)
         if out.has_mcm:
             arrays["mcm_logits"] = out.mcm_logits
         return arrays

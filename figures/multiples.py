@@ -79,6 +79,7 @@ def pooled(results: Results, files: Sequence[SampleFile]) -> dict[str, np.ndarra
         out["mcm_logits"] = np.concatenate([a["mcm_logits"] for a in arrays])
     if "logit_scale" in arrays[0]:
         out["logit_scale"] = arrays[0]["logit_scale"]
+    out["probability"], out["logit_bias"] = arrays[0]["probability"], arrays[0]["logit_bias"]
     return out
 
 
@@ -110,7 +111,7 @@ def _note(ax: Axes, lines: list[str], where: str = "lower right") -> None:
 def reliability_grid(results: Results, grid_panels: list[Panel], dataset: str, size: str) -> Figure:
     """Accuracy against confidence per panel (diagonal = calibrated; grey = fp), ECE per variant, seeds pooled."""
     data = {v: pooled(results, fs) for p in grid_panels for v, fs in p.variants.items()}
-    bins = {v: reliability_bins(a["logits"], a["labels"]) for v, a in data.items()}
+    bins = {v: reliability_bins(a["logits"], a["labels"], prob=str(a["probability"])) for v, a in data.items()}
     with house_style():
         fig, axes, _ = _grid(size, len(grid_panels))
         for ax, p in zip(axes, grid_panels):

@@ -27,7 +27,8 @@ def sample_scores(arrays: dict[str, np.ndarray], score: str, path: object = "sam
     if score == "mcm" and "logit_scale" not in arrays:
         raise UserError(f"{path} lacks array logit_scale needed for the mcm score; use --ood-score msp")
     scale = float(arrays["logit_scale"]) if "logit_scale" in arrays else 1.0
-    return ood_scores(arrays["logits"], scale, arrays.get("mcm_logits"))[score]
+    prob, bias = str(arrays.get("probability", "softmax")), float(arrays.get("logit_bias", 0.0))
+    return ood_scores(arrays["logits"], scale, arrays.get("mcm_logits"), prob, bias)[score]
 
 
 def ood_data(id_scores: Float[np.ndarray, " n"], ood: dict[str, np.ndarray], variant: str, family: str,

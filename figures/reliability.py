@@ -20,13 +20,13 @@ from .style import house_style, new_figure, safe_name, variant_styles
 N_BINS = cal.N_BINS
 
 
-def reliability_bins(logits: Float[np.ndarray, "n k"], labels: Int[np.ndarray, " n"], n_bins: int = N_BINS
-                     ) -> pd.DataFrame:
-    """Per bin [lo, hi) (the last closed; `eval.metrics.calibration.ece_bin_index`): mean confidence, accuracy,
-    count, over the labelled samples (label ≥ 0)."""
+def reliability_bins(logits: Float[np.ndarray, "n k"], labels: Int[np.ndarray, " n"], n_bins: int = N_BINS,
+                     prob: str = "softmax") -> pd.DataFrame:
+    """Per bin [lo, hi) (the last closed; `eval.metrics.calibration.ece_bin_index`): mean confidence (under the
+    run's probability model), accuracy, count, over the labelled samples (label ≥ 0)."""
     keep = labels >= 0
     z = logits[keep]
-    b = cal.reliability_bins(confidences(z), correctness(z, labels[keep]), n_bins)
+    b = cal.reliability_bins(confidences(z, prob), correctness(z, labels[keep]), n_bins)
     return pd.DataFrame({"bin": np.arange(n_bins), "lo": b.lo, "hi": b.hi, "confidence": b.confidence,
                          "accuracy": b.accuracy, "count": b.count.astype(np.int64)})
 
@@ -39,9 +39,9 @@ def ece_from_bins(bins: pd.DataFrame) -> float:
 
 
 def reliability_data(samples: dict[str, tuple[np.ndarray, np.ndarray]], families: dict[str, str],
-                     n_bins: int = N_BINS) -> pd.DataFrame:
+                     n_bins: int = N_BINS, prob: str = "softmax") -> pd.DataFrame:
     """Tidy bins for several variants: variant, family, bin, lo, hi, confidence, accuracy, count."""
-    frames = [reliability_bins(z, y, n_bins).assign(variant=v, family=families.get(v, "other"))
+    frames = [reliability_bins(z, y, n_bins, prob).assign(variant=v, family=families.get(v, "other"))
               for v, (z, y) in samples.items()]
     return pd.concat(frames, ignore_index=True)
 
@@ -114,11 +114,14 @@ def jobs(results: Results, opts: Options) -> list[Job]:
 
 
 def _build(results: Results, fp: SampleFile, sf: SampleFile, dataset: str, size: str) -> Figure:
-    samples = {}
+    samples, probs = {}, set()
     for s in (fp, sf):
         arr = results.load_samples(s)
         samples[s.variant] = (arr["logits"], arr["labels"])
+        probs.add(str(arr["probability"]))
     if not (samples["fp"][1] >= 0).any():
         raise Skip(f"{fp.path} has no labelled samples")
-    data = reliability_data(samples, {v: results.family(v) for v in samples})
+    if len(probs) > 1:
+        raise Skip(f"{fp.path} and {sf.path} use different probability models ({', '.join(sorted(probs))})")
+    data = reliability_data(samples, {v: results.family(v) for v in samples}, prob=probs.pop())
     return reliability_figure(data, size=size, dataset=dataset)

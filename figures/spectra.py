@@ -11,7 +11,7 @@ from .io import Results
 from .layout import Job, Options, Skip, bottom_legend, grid, nothing_below, tower_order, variant_order
 from .style import house_style, new_figure, safe_name, variant_styles
 
-KIND_ORDER = ("q", "k", "v", "out", "fc", "proj", "patch_embed", "head", "embed", "linear", "conv", "other")
+KIND_ORDER = ("q", "k", "v", "out", "fc", "gate", "proj", "patch_embed", "head", "embed", "linear", "conv", "other")
 NEEDED = ("variant", "matrix", "tower", "kind")
 ZERO_RTOL = 1e-6  # σ below this fraction of the panel's largest σ is zero up to float32 storage (e.g. truncated)
 BAR_STEP = 1.13   # spacing (log x) of the MP-band bars placed right of i/r = 1

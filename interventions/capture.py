@@ -29,6 +29,21 @@ class _MatmulCapture(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+# nn.MultiheadAttention's weights and which input they read (None: the fused in_proj, rows split q, k, v)
+MHA_WEIGHTS: dict[str, str | None] = {"in_proj_weight": None, "q_proj_weight": "q", "k_proj_weight": "k",
+                                      "v_proj_weight": "v"}
+
+
+def conv_rows(conv: torch.nn.modules.conv._ConvNd, x: Tensor) -> Float[Tensor, "rows in"]:
+    """The inputs of a conv as rows of its out×(in·kh·kw) view: one unfolded patch per output position, in the
+    weight's (channel, kh, kw) order, so X @ Wᵀ is the conv's output (without bias) position by position."""
+    pad = conv.padding if not isinstance(conv.padding, str) else None
+    if pad is None:  # 'same'/'valid': the padding unfold needs
+        pad = tuple(0 if conv.padding == "valid" else d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    cols = torch.nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=pad, stride=conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
 def _mha_without_out_proj(mha: torch.nn.MultiheadAttention) -> torch.nn.MultiheadAttention:
     """A copy of `mha` whose out_proj is the identity: its output is exactly out_proj's input."""
     twin = copy.deepcopy(mha)
@@ -53,21 +68,34 @@ def capture_inputs(
 ) -> dict[str, Tensor]:
     """Inputs X [rows, in] of each selected matrix over calibration images (vision) and prompts (text), for M2.
 
-    Captured with forward hooks: nn.Linear inputs; nn.MultiheadAttention's input (q/k/v share it) and its
-    out_proj input (recomputed by a twin whose out_proj is the identity, since the fused attention never calls
-    out_proj's forward); `x @ P` projections by a torch-function mode. Rows are token vectors (text padding
-    dropped), subsampled to at most `max_rows` per matrix.
+    Captured with forward hooks: nn.Linear inputs; 2-D conv inputs unfolded into patches (`conv_rows`);
+    nn.MultiheadAttention's query, key and value for its q, k and v rows (one input for self-attention; a
+    cross-attention pool's k/v see the tokens, its q the queries) and its out_proj input (recomputed by a twin whose
+    out_proj is the identity, since the fused attention never calls out_proj's forward); `x @ P` projections by a
+    torch-function mode. Rows are token vectors (text padding dropped), subsampled to at most `max_rows` per matrix.
     """
     modules = dict(model.named_modules())
-    store: dict[int, list[Tensor]] = {}
+    store: dict[Any, list[Tensor]] = {}
     state: dict[str, Tensor | None] = {"mask": None}
 
-    def record(key: int, x: Tensor) -> None:
+    def rows_of(x: Tensor) -> Tensor:
         rows = x.detach().reshape(-1, x.shape[-1])
         mask = state["mask"]
         if mask is not None and rows.shape[0] == mask.numel():
             rows = rows[mask]
-        store.setdefault(key, []).append(rows.float().cpu())
+        return rows.float().cpu()
+
+    def record(key: Any, x: Tensor) -> None:
+        store.setdefault(key, []).append(rows_of(x))
+
+    def record_mha(key: int, query: Tensor, k_in: Tensor, v_in: Tensor, only: str | None) -> None:
+        if only is not None:  # separate q/k/v_proj_weight (kdim/vdim ≠ embed_dim): one input per parameter
+            record(key, {"q": query, "k": k_in, "v": v_in}[only])
+            return
+        done: dict[int, Tensor] = {}
+        for part, x in (("q", query), ("k", k_in), ("v", v_in)):
+            rows = done.setdefault(id(x), rows_of(x))  # self-attention: one copy serves q, k and v
+            store.setdefault((key, part), []).append(rows)
 
     hooks, watched_mm, seen = [], set(), set()
     try:
@@ -82,9 +110,11 @@ def capture_inputs(
                 raise UserError(f"--match output supports linear maps only; exclude {v.name} from --layers")
             if v.transpose or mod is None:
                 watched_mm.add(key)
-            elif isinstance(mod, torch.nn.MultiheadAttention) and leaf == "in_proj_weight":
-                def pre(m, args, kwargs, key=key):  # noqa: ANN001
-                    record(key, args[0] if args else kwargs["query"])
+            elif isinstance(mod, torch.nn.MultiheadAttention) and leaf in MHA_WEIGHTS:
+                def pre(m, args, kwargs, key=key, only=MHA_WEIGHTS[leaf]):  # noqa: ANN001
+                    names = ("query", "key", "value")
+                    q, k_in, v_in = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
+                    record_mha(key, q, k_in, v_in, only)
 
                 hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
             elif (isinstance(modules.get(owner.rpartition(".")[0]), torch.nn.MultiheadAttention)
@@ -96,6 +126,11 @@ def capture_inputs(
                     record(key, twin(*args, **kwargs)[0])
 
                 hooks.append(parent.register_forward_pre_hook(hook, with_kwargs=True))
+            elif isinstance(mod, torch.nn.modules.conv._ConvNd):
+                if not isinstance(mod, torch.nn.Conv2d) or mod.groups != 1 or mod.padding_mode != "zeros":
+                    raise UserError(f"calibration inputs of {v.name}: only 2-D convs with groups=1 and zero padding "
+                                    "have one input matrix; exclude grouped/depthwise convs from --layers")
+                hooks.append(mod.register_forward_pre_hook(lambda m, args, key=key: record(key, conv_rows(m, args[0]))))
             else:
                 hooks.append(mod.register_forward_pre_hook(lambda m, args, key=key: record(key, args[0])))
         mode = _MatmulCapture(record, watched_mm) if watched_mm else contextlib.nullcontext()
@@ -111,7 +146,7 @@ def capture_inputs(
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, Tensor] = {}
     for v in views:
-        chunks = store.get(v.param.data_ptr())
+        chunks = store.get((v.param.data_ptr(), v.kind)) or store.get(v.param.data_ptr())
         if not chunks:
             raise UserError(f"no calibration inputs reached {v.name}; "
                             "--match output needs images/prompts for its tower")

@@ -78,6 +78,7 @@ def add_eval_options(p: ArgumentParser, *, batch_size: int = 256, noise_subset: 
                      severities: bool = True, defaults: bool = True) -> None:
     """The evaluator options every evaluating command takes (`defaults=False`: unset flags stay None, so a grid
     file's options stand)."""
+    from eval.metrics.classification import PROBABILITY_MODELS
     from eval.noise import DEFAULT_SEVERITIES
     from eval.zeroshot import TEMPLATE_SETS
 
@@ -89,6 +90,9 @@ def add_eval_options(p: ArgumentParser, *, batch_size: int = 256, noise_subset: 
                    help="template set for the classifier (default: each dataset's own)")
     p.add_argument("--mcm-templates", default=d("single"), choices=[*allowed, "same"],
                    help="template set for the MCM score (METHODS §7: single); 'same' reuses --templates")
+    p.add_argument("--probability", default=d("softmax"), choices=list(PROBABILITY_MODELS),
+                   help="probability model of the logits (METHODS §5): softmax over classes (default, comparable "
+                        "with CLIP) or per-class sigmoid (SigLIP's objective)")
     p.add_argument("--batch-size", type=int, default=d(batch_size),
                    help=f"images per forward pass (default {batch_size})")
     p.add_argument("--workers", type=int, default=None,
@@ -118,6 +122,8 @@ def eval_options(args: Namespace) -> dict[str, Any]:
         opts["templates"] = args.templates
     if args.mcm_templates is not None:
         opts["mcm_templates"] = args.templates if args.mcm_templates == "same" else args.mcm_templates
+    if getattr(args, "probability", None) not in (None, "softmax"):  # softmax runs keep their keys
+        opts["probability"] = args.probability
     if args.batch_size is not None:
         opts["batch_size"] = args.batch_size
     if args.noise_subset is not None:

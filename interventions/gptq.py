@@ -29,19 +29,30 @@ from interventions.quantizers import method_base as _base
 from interventions.registry import register_edit
 
 BLOCK = 128  # columns per lazy-update block (METHODS §2)
+SUB = 16  # columns per rank-1 sub-block inside a block (CPU cache; same result)
 DAMP = 0.01  # λ as a fraction of mean(diag H)
 GRAMMAR = "gptq-int<2-8>-<t|ch|g32|g64|g128>[-mse|-p…|-a…][-asym][-actorder][-damp<λ>]"
 _RE = re.compile(r"gptq-(?P<base>int.+?)(?P<ao>-actorder)?(?:-damp(?P<damp>[0-9.e-]+))?")
 
 
 def hessian(x: Float[Tensor, "n in"], damp: float = DAMP) -> Float[Tensor, "in in"]:
-    """H = 2XᵀX + λ·mean(diag H)·I in float64 (METHODS §2); dead inputs (H_jj = 0) get H_jj = 1."""
-    x = x.to(torch.float64)
+    """H = 2XᵀX + λ·mean(diag H)·I in X's dtype (float32 for captured inputs, as the reference GPTQ), METHODS §2;
+    dead inputs (H_jj = 0) get H_jj = 1."""
     h = 2.0 * x.T @ x
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     return h
+
+
+def inverse_cholesky_upper(h: Float[Tensor, "in in"]) -> Float[Tensor, "in in"]:
+    """U upper-triangular with H⁻¹ = UᵀU (the factor GPTQ propagates through), from one Cholesky factorisation:
+    with J the reversal, JHJ = LLᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ(J L⁻¹ J), so U = J L⁻¹ J."""
+    n = h.shape[0]
+    rev = torch.arange(n - 1, -1, -1, device=h.device)
+    low = torch.linalg.cholesky(h[rev][:, rev])
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    return torch.linalg.solve_triangular(low, eye, upper=False)[rev][:, rev]
 
 
 def gptq_rounding(
@@ -53,36 +64,46 @@ def gptq_rounding(
     *,
     act_order: bool = False,
     block: int = BLOCK,
+    sub: int = SUB,
 ) -> Float[Tensor, "out in"]:
     """Ŵ on the fixed per-entry grid (Δ, n_lo, n_hi), columns quantized in order (or by descending diag H), each
-    column's error e_j = (w_j − q_j)/U_jj propagated by −e_j·U_{j,>j}, U the upper Cholesky factor of H⁻¹.
+    column's error e_j = (w_j − q_j)/U_jj propagated by −e_j·U_{j,>j}, U the upper Cholesky factor of H⁻¹ (METHODS §2).
 
-    With H = I, U = I and nothing is propagated: Ŵ equals RTN on the same grid bit for bit.
+    Lazy updates: within a block of `block` columns the error is propagated in sub-blocks of `sub` columns (rank-1
+    updates inside a sub-block, one matrix product per sub-block), and to the later blocks by one product per block;
+    this is the same arithmetic in a cache-friendly order. Columns are rows of the transposed working copy, so each
+    step touches contiguous memory. With H = I, U = I and nothing is propagated: Ŵ equals RTN bit for bit.
     """
-    w = w.to(torch.float32).clone()
     n = w.shape[1]
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
         step, n_lo, n_hi = step[:, perm], n_lo[:, perm], n_hi[:, perm]
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
-    q = torch.empty_like(w)
+    u = inverse_cholesky_upper(h).to(device=w.device, dtype=torch.float32)
+    inv_diag = 1.0 / torch.diagonal(u)
+    wt = w.T.to(torch.float32).contiguous()  # row j = column j of W
+    st, lo, hi = (t.T.to(torch.float32).contiguous()[:, :, None] for t in (step, n_lo, n_hi))
+    qt = torch.empty_like(wt)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
-        err = torch.empty_like(w1)
-        for i in range(i2 - i1):
-            j = i1 + i
-            col = w1[:, i : i + 1]
-            qc = fq.rtn(col, step[:, j : j + 1], n_lo[:, j : j + 1], n_hi[:, j : j + 1])
-            q[:, j : j + 1] = qc
-            e = (col - qc) / u1[i, i]
-            w1[:, i:] -= e @ u1[i : i + 1, i:]
-            err[:, i : i + 1] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
+        err = torch.empty((i2 - i1, wt.shape[1]), dtype=wt.dtype, device=wt.device)
+        for s1 in range(i1, i2, sub):
+            s2 = min(s1 + sub, i2)
+            for j in range(s1, s2):
+                col = wt[j]
+                qc = fq.rtn(col[:, None], st[j], lo[j], hi[j])[:, 0]
+                qt[j] = qc
+                e = torch.mul(col - qc, inv_diag[j], out=err[j - i1])
+                if j + 1 < s2:
+                    wt[j + 1 : s2].addr_(u[j, j + 1 : s2], e, alpha=-1.0)
+            if s2 < i2:
+                wt[s2:i2].addmm_(u[s1:s2, s2:i2].T, err[s1 - i1 : s2 - i1], alpha=-1.0)
+        if i2 < n:
+            wt[i2:].addmm_(u[i1:i2, i2:].T, err, alpha=-1.0)
+    q = qt.T
     if perm is not None:
         q = q[:, torch.argsort(perm)]
-    return q
+    return q.contiguous()
 
 
 @dataclass(frozen=True)
@@ -108,8 +129,8 @@ class GPTQ(DataQuantizer):
     def quantize_in(self, w: Float[Tensor, "out in"], state: Any) -> tuple[Float[Tensor, "out in"], QuantGrid]:
         w = w.to(torch.float32)
         _, grid = self.base.quantize(w)
-        x = state.to(device=w.device)
-        q = gptq_rounding(w, hessian(x, self.damp), grid.step, grid.n_lo, grid.n_hi, act_order=self.act_order)
+        h = hessian(state.to(device=w.device, dtype=torch.float32), self.damp)
+        q = gptq_rounding(w, h, grid.step, grid.n_lo, grid.n_hi, act_order=self.act_order)
         return q, grid
 
     def with_range(self, a: float = 1.0) -> GPTQ:

@@ -146,6 +146,14 @@ def _option_templates(key: str, v: Any) -> str:
     return str(v)
 
 
+def _option_probability(key: str, v: Any) -> str:
+    from eval.metrics.classification import PROBABILITY_MODELS
+
+    if v not in PROBABILITY_MODELS:
+        raise UserError(f"grid option {key!r} must be one of {', '.join(PROBABILITY_MODELS)}, got {v!r}")
+    return str(v)
+
+
 def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """A grid file's `options`, each known option checked (one line naming the option and the value) and
     normalised like the CLI flags (`noise_subset: 0` = every image); unknown names are left to the runner."""
@@ -161,6 +169,8 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = list(parse_severities(v, f"grid option {key!r}"))
         elif key in ("templates", "mcm_templates"):
             out[key] = _option_templates(key, v)
+        elif key == "probability":
+            out[key] = _option_probability(key, v)
         elif key in ("gains", "spectra", "skip_bad_images", "allow_nonfinite", "id_features"):
             out[key] = _option_bool(key, v)
         else:

@@ -25,7 +25,8 @@ from eval.errors import UserError
 from interventions.grid import Grid, Point
 
 CALIB_IMAGES = 256  # METHODS §3 M2: ≈256 calibration inputs
-EVALUATOR_OPTIONS = ("templates", "mcm_templates", "batch_size", "noise_severities", "noise_subset", "num_workers")
+EVALUATOR_OPTIONS = ("templates", "mcm_templates", "batch_size", "noise_severities", "noise_subset", "num_workers",
+                     "probability")
 LOADING_OPTIONS = ("skip_bad_images", "allow_nonfinite")  # how datasets and the model are loaded
 OPTIONS = EVALUATOR_OPTIONS + LOADING_OPTIONS + ("gains", "spectra", "id_features")
 

@@ -3,6 +3,13 @@
 A selector string is a preset name and/or `key=value` clauses joined by `;`, e.g.
 `core`, `all`, `vision-only`, `mlp-only;block=0-5`, `kind=q,k;tower=text`, `name=visual.blocks.1*`.
 A selector that matches nothing is an error, never a silent no-op.
+
+`early` / `late` halve each tower by parameters: a block is early when its middle lies in the first half of the
+tower's block parameters (counted in block order). For towers of equal blocks (every transformer) that is the first
+⌈depth/2⌉ blocks, as before; for CNN towers, whose blocks grow with the stage, it keeps both halves near 50 % of the
+parameters (a running block index alone would give RN50 13 % / 87 %).
+In the core scope a non-core view is selected only by naming its optional kind (`kind=head`); a non-core
+attention/MLP matrix (CoCa's caption decoder) needs `scope=all`.
 """
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from eval.errors import UserError
-from spectral.views import CORE_KINDS, GENERIC_KINDS, KIND_GROUPS, OPTIONAL_KINDS, TOWERS, WeightView
+from spectral.views import BLOCK_KINDS, GENERIC_KINDS, KIND_GROUPS, OPTIONAL_KINDS, TOWERS, WeightView
 
 SCOPES = ("core", "all")
 PARTS = ("early", "late")
@@ -25,12 +32,12 @@ class Selector:
     towers: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()
     blocks: tuple[int, ...] = ()
-    part: str | None = None  # "early" = first half of each tower's blocks, "late" = second half
+    part: str | None = None  # "early" = first half of each tower's block parameters, "late" = second half
     names: tuple[str, ...] = ()
     scope: str = "core"  # "core": METHODS §1 core set (generic: linear/conv); "all": optional views too
 
     def __post_init__(self) -> None:
-        allowed_kinds = CORE_KINDS + OPTIONAL_KINDS + GENERIC_KINDS + ("embed",)
+        allowed_kinds = BLOCK_KINDS + OPTIONAL_KINDS + GENERIC_KINDS
         for t in self.towers:
             if t not in TOWERS:
                 raise UserError(f"unknown tower {t!r}; allowed: {', '.join(TOWERS)}")
@@ -44,8 +51,9 @@ class Selector:
         if any(b < 0 for b in self.blocks):
             raise UserError(f"block indices must be >= 0, got {self.blocks}")
 
-    def matches(self, v: WeightView, depth: dict[str, int]) -> bool:
-        if self.scope == "core" and not v.core and not (self.kinds and v.kind in self.kinds):
+    def matches(self, v: WeightView, early: dict[str, set[int]]) -> bool:
+        """`early`: the early blocks of each tower (`early_blocks`)."""
+        if self.scope == "core" and not v.core and not (v.kind in self.kinds and v.kind not in BLOCK_KINDS):
             return False
         if self.towers and v.tower not in self.towers:
             return False
@@ -56,8 +64,7 @@ class Selector:
         if self.part is not None:
             if v.block is None:
                 return False
-            half = depth.get(v.tower, 0) / 2
-            if (v.block < half) != (self.part == "early"):
+            if (v.block in early.get(v.tower, ())) != (self.part == "early"):
                 return False
         if self.names and not any(fnmatch.fnmatchcase(v.name, g) for g in self.names):
             return False
@@ -128,14 +135,29 @@ def parse_selector(spec: str | Selector | None) -> Selector:
     return sel
 
 
+def early_blocks(views: Sequence[WeightView]) -> dict[str, set[int]]:
+    """Per tower, the blocks whose middle lies in the first half of the tower's block parameters (in block order)."""
+    sizes: dict[str, dict[int, int]] = {}
+    for v in views:
+        if v.block is not None:
+            per = sizes.setdefault(v.tower, {})
+            per[v.block] = per.get(v.block, 0) + v.numel
+    out: dict[str, set[int]] = {}
+    for tower, per in sizes.items():
+        total, before = sum(per.values()), 0
+        out[tower] = set()
+        for block in sorted(per):
+            if 2 * before + per[block] <= total:  # midpoint before + size/2 <= total/2
+                out[tower].add(block)
+            before += per[block]
+    return out
+
+
 def select(views: Sequence[WeightView], spec: str | Selector | None = None) -> list[WeightView]:
     """The views matching `spec`; raises UserError when none match."""
     sel = parse_selector(spec)
-    depth: dict[str, int] = {}
-    for v in views:
-        if v.block is not None:
-            depth[v.tower] = max(depth.get(v.tower, 0), v.block + 1)
-    chosen = [v for v in views if sel.matches(v, depth)]
+    early = early_blocks(views)
+    chosen = [v for v in views if sel.matches(v, early)]
     if not chosen:
         towers = sorted({v.tower for v in views})
         kinds = sorted({v.kind for v in views})

@@ -196,3 +196,50 @@ def test_e2_delta_is_the_rank_matched_projection_moved_until_delta_equals_the_qu
         assert r["rank"] == e2[name]["rank"]
         d = (after[name] - base[name]).double()
         assert torch.allclose(d, r["match_value"] * (proj[name] - base[name]).double(), atol=1e-5)
+
+
+def test_conv_inputs_are_unfolded_patches_that_reproduce_the_conv():
+    """A ResNet conv's captured rows X satisfy X @ W_viewᵀ + b = the conv's own output, position by position."""
+    from eval.loading import load_model
+
+    rn = load_model("tiny-rn")
+    views = [v for v in select(weight_views(rn.model), "vision-only") if v.kind in ("fc", "conv", "proj")][:4]
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = capture_inputs(rn.model, views, images, None, max_rows=10**6)
+    modules = dict(rn.model.named_modules())
+    for v in views:
+        conv = modules[v.param_name.rpartition(".")[0]]
+        outs = []
+        h = conv.register_forward_hook(lambda m, a, o, outs=outs: outs.append(o))
+        rn.model.encode_image(images)
+        h.remove()
+        want = outs[0].permute(0, 2, 3, 1).reshape(-1, outs[0].shape[1])
+        got = x[v.name] @ v.get().T + (0 if conv.bias is None else conv.bias)
+        assert got.shape == want.shape, v.name
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_cross_attention_pool_captures_tokens_for_k_v_and_queries_for_q():
+    """CoCa's attention pool: q rows see the learned queries, k/v rows the image tokens."""
+    from eval.loading import load_model
+
+    coca = load_model("tiny-coca")
+    views = [v for v in weight_views(coca.model) if v.name.startswith("visual.attn_pool.") and v.kind in "qkv"]
+    assert {v.kind for v in views} == {"q", "k", "v"}
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = capture_inputs(coca.model, views, images, None, max_rows=10**6)
+    pool = coca.model.visual.attn_pool
+    n_query = pool.query.shape[0]
+    assert x[views[0].name].shape[0] == 2 * n_query
+    assert x["visual.attn_pool.k"].shape[0] == x["visual.attn_pool.v"].shape[0] > 2 * n_query
+    assert torch.equal(x["visual.attn_pool.k"], x["visual.attn_pool.v"])
+
+
+def test_depthwise_convs_are_refused_in_one_line():
+    from eval.errors import UserError
+    from eval.loading import load_model
+
+    cnx = load_model("tiny-convnext")
+    dw = [v for v in weight_views(cnx.model) if "conv_dw" in v.param_name][:1]
+    with pytest.raises(UserError, match="depthwise"):
+        capture_inputs(cnx.model, dw, torch.randn(1, 3, 32, 32), None)

@@ -157,7 +157,8 @@ def test_generic_towers_resnet_convnext(arch):
     model = load_model(arch).model
     views = weight_views(model)
     visual = [v for v in views if v.tower == "visual"]
-    assert visual and all(v.kind in ("linear", "conv", "q", "k", "v", "out", "other", "head", "patch_embed")
+    # every matrix is named by the family's rules (spectral.families): no generic linear/other kinds left
+    assert visual and all(v.kind in ("fc", "proj", "q", "k", "v", "out", "conv", "head", "patch_embed")
                           for v in visual)
     n_visual_2d = sum(1 for n, p in model.named_parameters() if n.startswith("visual.") and p.ndim >= 2
                       and "positional_embedding" not in n)

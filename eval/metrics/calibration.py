@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from jaxtyping import Bool, Float, Int
 
-from eval.metrics.classification import ROW_CHUNK, probabilities
+from eval.metrics.classification import ROW_CHUNK, SOFTMAX, probabilities
 
 N_BINS = 15
 
@@ -99,7 +99,7 @@ def ece_equal_mass(conf: Float[np.ndarray, " n"], correct: Bool[np.ndarray, " n"
 
 
 def classwise_ece(logits: Float[np.ndarray, "n k"], labels: Int[np.ndarray, " n"], n_bins: int = N_BINS,
-                  classes: Int[np.ndarray, " c"] | None = None) -> float:
+                  classes: Int[np.ndarray, " c"] | None = None, prob: str = SOFTMAX) -> float:
     """Classwise ECE (Kull et al. 2019): mean over classes k of the equal-width ECE of p_k against 1[y = k].
 
     `classes` restricts the mean (e.g. to a class subset); by default every column of `logits`.
@@ -111,7 +111,7 @@ def classwise_ece(logits: Float[np.ndarray, "n k"], labels: Int[np.ndarray, " n"
     count = np.zeros((k_all, n_bins))
     col = np.arange(k_all)[None, :]
     for s in range(0, len(labels), ROW_CHUNK):
-        p = probabilities(logits[s:s + ROW_CHUNK])
+        p = probabilities(logits[s:s + ROW_CHUNK], prob)
         y = labels[s:s + ROW_CHUNK]
         flat = (col * n_bins + ece_bin_index(p.ravel(), n_bins).reshape(p.shape)).ravel()
         hit = (col == y[:, None]).astype(np.float64).ravel()

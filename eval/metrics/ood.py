@@ -1,7 +1,8 @@
 """OOD detection (METHODS §5): scores where higher means "in-distribution", and detection metrics with ID as the
 positive class.
 
-Scores: MCM = max softmax(cos/τ) of the raw cosines, MSP = max softmax(z), max-logit, energy T·logsumexp(z/T).
+Scores: MCM = max softmax(cos/τ) of the raw cosines, MSP = max softmax(z), max-logit, energy T·logsumexp(z/T);
+under the sigmoid probability model MSP = max_k σ(z_k) and MCM = max_k σ(cos_k/τ) (METHODS §5).
 AUROC equals scikit-learn's roc_auc_score; AUPR equals its average_precision_score (step-wise, no interpolation);
 FPR95 is the fraction of OOD samples scored at or above the 5th percentile of the ID scores (numpy's default
 linear interpolation), i.e. the false-positive rate at 95 % true-positive rate.
@@ -17,13 +18,13 @@ import numpy as np
 from jaxtyping import Bool, Float, Int, Shaped
 from scipy.special import logsumexp
 
-from eval.metrics.classification import confidences
+from eval.metrics.classification import SOFTMAX, confidences
 
 SCORES: tuple[str, ...] = ("mcm", "msp", "maxlogit", "energy")
 
 
-def msp_score(logits: Float[np.ndarray, "n k"]) -> Float[np.ndarray, " n"]:
-    return confidences(logits)
+def msp_score(logits: Float[np.ndarray, "n k"], prob: str = SOFTMAX) -> Float[np.ndarray, " n"]:
+    return confidences(logits, prob)
 
 
 def maxlogit_score(logits: Float[np.ndarray, "n k"]) -> Float[np.ndarray, " n"]:
@@ -36,17 +37,20 @@ def energy_score(logits: Float[np.ndarray, "n k"], temperature: float = 1.0) -> 
     return temperature * logsumexp(z / temperature, axis=1)
 
 
-def mcm_score(logits: Float[np.ndarray, "n k"], logit_scale: float, tau: float = 1.0) -> Float[np.ndarray, " n"]:
-    """Maximum concept matching: max_k softmax(cos_k / τ) with cos = z / s (the logits at scale s)."""
-    return confidences(np.asarray(logits, dtype=np.float64) / (logit_scale * tau))
+def mcm_score(logits: Float[np.ndarray, "n k"], logit_scale: float, tau: float = 1.0, prob: str = SOFTMAX,
+              logit_bias: float = 0.0) -> Float[np.ndarray, " n"]:
+    """Maximum concept matching: max_k p(cos_k / τ) with cos = (z − b) / s (the logits at scale s, bias b)."""
+    z = np.asarray(logits, dtype=np.float64)
+    return confidences((z - logit_bias if logit_bias else z) / (logit_scale * tau), prob)
 
 
 def ood_scores(logits: Float[np.ndarray, "n k"], logit_scale: float,
-               mcm_logits: Float[np.ndarray, "n k"] | None = None) -> dict[str, Float[np.ndarray, " n"]]:
+               mcm_logits: Float[np.ndarray, "n k"] | None = None, prob: str = SOFTMAX,
+               logit_bias: float = 0.0) -> dict[str, Float[np.ndarray, " n"]]:
     """All four scores from one set of logits; MCM uses `mcm_logits` (its own template set) when given."""
     return {
-        "mcm": mcm_score(logits if mcm_logits is None else mcm_logits, logit_scale),
-        "msp": msp_score(logits),
+        "mcm": mcm_score(logits if mcm_logits is None else mcm_logits, logit_scale, prob=prob, logit_bias=logit_bias),
+        "msp": msp_score(logits, prob),
         "maxlogit": maxlogit_score(logits),
         "energy": energy_score(logits),
     }

@@ -42,28 +42,29 @@ def classification_metrics(out: SampleOutputs, temperature: float | None = None,
     keep = out.labelled
     z = out.masked_logits()[keep]
     y = out.labels[keep]
-    conf = confidences(z)
+    prob = out.probability
+    conf = confidences(z, prob)
     hit = correctness(z, y)
     m = {
         "top1": float(hit.mean()), "top5": top_k_accuracy(z, y, 5),
         "ece": cal.ece(conf, hit, n_bins), "ece_mass": cal.ece_equal_mass(conf, hit, n_bins),
         "mce": cal.mce(conf, hit, n_bins), "rmsce": cal.rms_ce(conf, hit, n_bins),
-        "cw_ece": cal.classwise_ece(z, y, n_bins, classes=out.class_subset),
-        "nll": nll(z, y), "brier": brier(z, y),
+        "cw_ece": cal.classwise_ece(z, y, n_bins, classes=out.class_subset, prob=prob),
+        "nll": nll(z, y, prob), "brier": brier(z, y, prob),
         "aurc": aurc(conf, hit), "eaurc": eaurc(conf, hit),
         "risk@80": risk_at_coverage(conf, hit, 0.8), "risk@90": risk_at_coverage(conf, hit, 0.9),
     }
     if temperature is not None:
         zt = apply_temperature(z, temperature)
-        m["ece_ts"] = cal.ece(confidences(zt), hit, n_bins)
-        m["nll_ts"] = nll(zt, y)
+        m["ece_ts"] = cal.ece(confidences(zt, prob), hit, n_bins)
+        m["nll_ts"] = nll(zt, y, prob)
     return m
 
 
 def detection_metrics(id_out: SampleOutputs, ood_out: SampleOutputs) -> dict[tuple[str, str], float]:
     """{(score, metric): value} for ID (positive) vs OOD over the four scores and four detection metrics."""
-    sid = ood_scores(id_out.masked_logits(), id_out.logit_scale, id_out.mcm_logits)
-    sood = ood_scores(ood_out.masked_logits(), ood_out.logit_scale, ood_out.mcm_logits)
+    sid, sood = (ood_scores(o.masked_logits(), o.logit_scale, o.mcm_logits, o.probability, o.logit_bias)
+                 for o in (id_out, ood_out))
     return {(s, name): fn(sid[s], sood[s]) for s in SCORES for name, fn in DETECTION_METRICS.items()}
 
 
@@ -77,7 +78,7 @@ def fitted_temperature(outs: Sequence[SampleOutputs]) -> tuple[SampleOutputs | N
     if calib is None:
         return None, None
     keep = calib.labelled
-    return calib, fit_temperature(calib.masked_logits()[keep], calib.labels[keep])
+    return calib, fit_temperature(calib.masked_logits()[keep], calib.labels[keep], calib.probability)
 
 
 def variant_metrics(variant: str, outputs: Mapping[str, SampleOutputs], n_bins: int = cal.N_BINS) -> pd.DataFrame:
@@ -204,7 +205,7 @@ def variant_reliability(variant: str, outputs: Mapping[str, SampleOutputs], n_bi
         if not keep.any():
             continue
         z = o.masked_logits()[keep]
-        b = cal.reliability_bins(confidences(z), correctness(z, o.labels[keep]), n_bins)
+        b = cal.reliability_bins(confidences(z, o.probability), correctness(z, o.labels[keep]), n_bins)
         for i in range(n_bins):
             rows.append({"variant": variant, "dataset": o.dataset, "role": o.role,
                          "severity": np.nan if o.severity is None else o.severity, "bin": i,

@@ -87,11 +87,13 @@ def _stored_temperature(metrics: pd.DataFrame | None) -> float | None:
     return float(rows["value"].iloc[0]) if len(rows) else None
 
 
-def _score(name: str, z: np.ndarray, mcm: np.ndarray | None, scale: float) -> np.ndarray:
+def _score(name: str, z: np.ndarray, mcm: np.ndarray | None, out: SampleOutputs) -> np.ndarray:
     """One OOD score (METHODS §5) by the eval.metrics function `ood_scores` uses for it."""
     if name == "mcm":
-        return mcm_score(z if mcm is None else mcm, scale)
-    return {"msp": msp_score, "maxlogit": maxlogit_score, "energy": energy_score}[name](z)
+        return mcm_score(z if mcm is None else mcm, out.logit_scale, prob=out.probability, logit_bias=out.logit_bias)
+    if name == "msp":
+        return msp_score(z, out.probability)
+    return {"maxlogit": maxlogit_score, "energy": energy_score}[name](z)
 
 
 def _block_stats(out: SampleOutputs, z: np.ndarray, mcm: np.ndarray | None, y: np.ndarray, keep: np.ndarray,
@@ -106,20 +108,21 @@ def _block_stats(out: SampleOutputs, z: np.ndarray, mcm: np.ndarray | None, y: n
         res["correct"] = correctness(zk, yk).astype(np.float64)
     # MSP is the top-label confidence of the same logits (`msp_score` = `confidences`): one pass serves both
     # when the labelled rows are all the rows
-    conf = confidences(zk) if "conf" in needs or ("msp" in needs and keep.all()) else None
+    prob = out.probability
+    conf = confidences(zk, prob) if "conf" in needs or ("msp" in needs and keep.all()) else None
     if "conf" in needs:
         res["conf"] = conf
     if "top5" in needs:
         res["top5"] = top_k_correct(zk, yk, min(5, zk.shape[1])).astype(np.float64)
     if "nll" in needs:
-        res["nll"] = nll_per_sample(zk, yk)
+        res["nll"] = nll_per_sample(zk, yk, prob)
     if "brier" in needs:
-        res["brier"] = brier_per_sample(zk, yk)
+        res["brier"] = brier_per_sample(zk, yk, prob)
     if "conf_ts" in needs:
-        res["conf_ts"] = confidences(apply_temperature(zk, float(temperature)))
+        res["conf_ts"] = confidences(apply_temperature(zk, float(temperature)), prob)
     for s in SCORE_STATS:
         if s in needs:
-            res[s] = conf if s == "msp" and conf is not None and keep.all() else _score(s, z, mcm, out.logit_scale)
+            res[s] = conf if s == "msp" and conf is not None and keep.all() else _score(s, z, mcm, out)
     return res
 
 
