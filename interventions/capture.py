@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -14,9 +13,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from eval.errors import UserError
-
-_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
-_SEPARATE = (("q_proj_weight", "query"), ("k_proj_weight", "key"), ("v_proj_weight", "value"))
+from interventions.actsites import SEPARATE_WEIGHTS, attention_before_out_proj, mha_arguments
 
 
 class _FunctionCapture(torch.overrides.TorchFunctionMode):
@@ -36,16 +33,14 @@ class _FunctionCapture(torch.overrides.TorchFunctionMode):
             if isinstance(w, Tensor) and w.ndim == 2 and w.data_ptr() in self.watched:
                 self.record(w.data_ptr(), x)
         elif func is F.multi_head_attention_forward and self.linears:
-            a = _MHA_SIGNATURE.bind(*args, **kwargs).arguments
+            a = mha_arguments(args, kwargs)
             if a.get("use_separate_proj_weight"):
-                for wname, xname in _SEPARATE:
+                for wname, xname in SEPARATE_WEIGHTS:
                     if a[wname] is not None and a[wname].data_ptr() in self.linears:
                         self.record(a[wname].data_ptr(), a[xname])
             w_out = a.get("out_proj_weight")
             if w_out is not None and w_out.data_ptr() in self.linears:
-                eye = torch.eye(w_out.shape[1], dtype=w_out.dtype, device=w_out.device)
-                twin = {**a, "out_proj_weight": eye, "out_proj_bias": None, "need_weights": False}
-                self.record(w_out.data_ptr(), func(**twin)[0])
+                self.record(w_out.data_ptr(), attention_before_out_proj(a))
         return func(*args, **kwargs)
 
 
