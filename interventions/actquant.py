@@ -4,6 +4,8 @@ quantized linear maps, ranges from a calibration pass over calibration images (n
 Where the input of a selected matrix is intercepted (one *site* per input tensor; the patches that no hook can
 do live in `interventions.actsites`):
 - `nn.Linear` / conv modules: a forward pre-hook on the module;
+- modules that hand their Linears' weights to `F.multi_head_attention_forward` (open_clip's ResNet attention pool):
+  their forward runs under a torch-function mode that quantizes query/key/value and the output projection's input;
 - `nn.MultiheadAttention`: its forward is replaced (on the instance) by an equivalent one that quantizes the
   in-projection input (site `<module>.in_proj`, shared by the selected q/k/v slices) and the out-projection
   input (site `<module>.out_proj`), since torch's MHA never calls `out_proj.forward`;
@@ -27,7 +29,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from eval.errors import UserError
-from interventions.actsites import patch_mha, swap_parameter
+from interventions.actsites import FUNCTIONAL_MHA_OWNERS, patch_functional_mha, patch_mha, swap_parameter
 from spectral.selector import Selector, select
 from spectral.views import WeightView, weight_views
 
@@ -290,6 +292,7 @@ def attach_activation_quant(
     skipped: dict[str, str] = {}
     restores: list[Callable[[], None]] = []
     mha_sites: dict[str, dict[str, Any]] = {}
+    functional: dict[str, dict[int, Site]] = {}  # owner module -> {weight data_ptr: site} (F.mha callers)
     try:
         for pname, vs in by_param.items():
             mod_name, module, attr = _owner(model, pname)
@@ -302,6 +305,9 @@ def attach_activation_quant(
                 parent = mod_name.rpartition(".")[0]  # MHA calls F.linear with out_proj.weight, never out_proj.forward
                 site = Site(f"{parent}.out_proj", "mha_out", names, tower, config)
                 mha_sites.setdefault(parent, {"module": model.get_submodule(parent)})["out"] = site
+            elif isinstance(module, nn.Linear) and isinstance(_parent(model, mod_name), FUNCTIONAL_MHA_OWNERS):
+                site = Site(mod_name, "linear", names, tower, config)  # handed to F.multi_head_attention_forward
+                functional.setdefault(mod_name.rpartition(".")[0], {})[module.weight.data_ptr()] = site
             elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and attr == "weight":
                 kind = "conv" if isinstance(module, nn.modules.conv._ConvNd) else "linear"
                 site = Site(mod_name, kind, names, tower, config)
@@ -317,6 +323,8 @@ def attach_activation_quant(
         for entry in mha_sites.values():
             parts = {"in": entry.get("in_"), "roles": entry.get("roles", ()), "out": entry.get("out")}
             restores.append(patch_mha(entry["module"], parts))
+        for owner, by_weight in functional.items():
+            restores.append(patch_functional_mha(model.get_submodule(owner), dict(by_weight)))
         if scales:
             _set_scales(sites, scales)
     except Exception:

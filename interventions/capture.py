@@ -8,25 +8,40 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
 from eval.errors import UserError
+from interventions.actsites import SEPARATE_WEIGHTS, attention_before_out_proj, mha_arguments
 
 
-class _MatmulCapture(torch.overrides.TorchFunctionMode):
-    """Record X of `X @ P` for the projections used as bare matrices (visual.proj, text_projection)."""
+class _FunctionCapture(torch.overrides.TorchFunctionMode):
+    """Record the inputs no module hook sees: X of `X @ P` for the projections used as bare matrices (visual.proj,
+    text_projection), and the inputs of weights handed to `F.multi_head_attention_forward` directly (open_clip's
+    ResNet attention pool: q/k/v_proj read query/key/value; the output projection's input is recomputed with an
+    identity output projection)."""
 
-    def __init__(self, record: Callable[[int, Tensor], None], watched: set[int]):
+    def __init__(self, record: Callable[[int, Tensor], None], watched: set[int], linears: set[int]):
         super().__init__()
-        self.record, self.watched = record, watched
+        self.record, self.watched, self.linears = record, watched, linears
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) and len(args) == 2:
             x, w = args
             if isinstance(w, Tensor) and w.ndim == 2 and w.data_ptr() in self.watched:
                 self.record(w.data_ptr(), x)
-        return func(*args, **(kwargs or {}))
+        elif func is F.multi_head_attention_forward and self.linears:
+            a = mha_arguments(args, kwargs)
+            if a.get("use_separate_proj_weight"):
+                for wname, xname in SEPARATE_WEIGHTS:
+                    if a[wname] is not None and a[wname].data_ptr() in self.linears:
+                        self.record(a[wname].data_ptr(), a[xname])
+            w_out = a.get("out_proj_weight")
+            if w_out is not None and w_out.data_ptr() in self.linears:
+                self.record(w_out.data_ptr(), attention_before_out_proj(a))
+        return func(*args, **kwargs)
 
 
 # nn.MultiheadAttention's weights and which input they read (None: the fused in_proj, rows split q, k, v)
@@ -54,6 +69,26 @@ def _mha_without_out_proj(mha: torch.nn.MultiheadAttention) -> torch.nn.Multihea
         if twin.out_proj.bias is not None:
             twin.out_proj.bias.zero_()
     return twin
+
+
+def _check_capturable(v: Any, mod: torch.nn.Module | None) -> None:
+    """One line naming a selected matrix whose inputs form no single X [rows, in]."""
+    if v.kind in ("patch_embed", "embed") or (mod is None and not v.transpose):
+        raise UserError(f"calibration inputs (--match output, data-dependent quantizers) exist for linear maps and "
+                        f"plain convs only; {v.name} is a {v.kind}: leave it out, "
+                        f"e.g. --layers 'core;exclude={v.name}'")
+    if isinstance(mod, torch.nn.modules.conv._ConvNd) and (
+            not isinstance(mod, torch.nn.Conv2d) or mod.groups != 1 or mod.padding_mode != "zeros"):
+        leaf = v.name.rsplit(".", 1)[-1]
+        raise UserError(f"calibration inputs of {v.name}: only 2-D convs with groups=1 and zero padding have one input "
+                        f"matrix; leave grouped/depthwise convs out, e.g. --layers 'core;exclude=*.{leaf}'")
+
+
+def check_capturable(model: torch.nn.Module, views: list[Any]) -> None:
+    """Refuse, before anything runs or is written, a selection with a matrix `capture_inputs` cannot serve."""
+    modules = dict(model.named_modules())
+    for v in views:
+        _check_capturable(v, modules.get(v.param_name.rpartition(".")[0]))
 
 
 @torch.no_grad()
@@ -97,7 +132,7 @@ def capture_inputs(
             rows = done.setdefault(id(x), rows_of(x))  # self-attention: one copy serves q, k and v
             store.setdefault((key, part), []).append(rows)
 
-    hooks, watched_mm, seen = [], set(), set()
+    hooks, watched_mm, linears, seen = [], set(), set(), set()
     try:
         for v in views:
             key = v.param.data_ptr()
@@ -106,8 +141,7 @@ def capture_inputs(
             seen.add(key)
             owner, _, leaf = v.param_name.rpartition(".")
             mod = modules.get(owner)
-            if v.kind in ("patch_embed", "embed") or (mod is None and not v.transpose):
-                raise UserError(f"--match output supports linear maps only; exclude {v.name} from --layers")
+            _check_capturable(v, mod)
             if v.transpose or mod is None:
                 watched_mm.add(key)
             elif isinstance(mod, torch.nn.MultiheadAttention) and leaf in MHA_WEIGHTS:
@@ -127,13 +161,12 @@ def capture_inputs(
 
                 hooks.append(parent.register_forward_pre_hook(hook, with_kwargs=True))
             elif isinstance(mod, torch.nn.modules.conv._ConvNd):
-                if not isinstance(mod, torch.nn.Conv2d) or mod.groups != 1 or mod.padding_mode != "zeros":
-                    raise UserError(f"calibration inputs of {v.name}: only 2-D convs with groups=1 and zero padding "
-                                    "have one input matrix; exclude grouped/depthwise convs from --layers")
                 hooks.append(mod.register_forward_pre_hook(lambda m, args, key=key: record(key, conv_rows(m, args[0]))))
             else:
                 hooks.append(mod.register_forward_pre_hook(lambda m, args, key=key: record(key, args[0])))
-        mode = _MatmulCapture(record, watched_mm) if watched_mm else contextlib.nullcontext()
+                if isinstance(mod, torch.nn.Linear):  # also reached when handed to F.multi_head_attention_forward
+                    linears.add(key)
+        mode = _FunctionCapture(record, watched_mm, linears) if watched_mm or linears else contextlib.nullcontext()
         with mode:
             if images is not None and any(v.tower == "visual" for v in views):
                 model.encode_image(images)

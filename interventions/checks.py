@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from eval.errors import UserError
+from interventions.capture import check_capturable
 from interventions.dataquant import is_data_dependent, needs_calibration
 from interventions.grid import Point
 from interventions.registry import ModelEdit, parse_edit
@@ -43,6 +44,7 @@ def validate_edit(session: Session, planned: list[Planned]) -> None:
         raise UserError(f"{model_edits[0]} edits the model from evaluated outputs; use experiment 'reliability'")
     if any(data_dependent(t.point) for t in planned):  # no --datasets here: the embedded calibration split
         session.check_calibration_disjoint(None)
+        check_capturable(session.model, session.views())
 
 
 def validate_reliability(session: Session, planned: list[Planned]) -> None:
@@ -56,6 +58,8 @@ def validate_reliability(session: Session, planned: list[Planned]) -> None:
         session.calibration(suite)
     for suite in {t.point.dataset for t in planned if act_of(t.point) or data_dependent(t.point)}:
         session.check_calibration_disjoint(suite)
+    if any(t.point.match == "output" or data_dependent(t.point) for t in planned):
+        check_capturable(session.model, session.views())  # every selected matrix has one input X
 
 
 def data_quantizer(p: Point) -> Any:

@@ -1,7 +1,8 @@
 """Selectors: which weight views an analysis or edit touches (towers, kinds, blocks, name globs).
 
 A selector string is a preset name and/or `key=value` clauses joined by `;`, e.g.
-`core`, `all`, `vision-only`, `mlp-only;block=0-5`, `kind=q,k;tower=text`, `name=visual.blocks.1*`.
+`core`, `all`, `vision-only`, `mlp-only;block=0-5`, `kind=q,k;tower=text`, `name=visual.blocks.1*`,
+`core;exclude=*.conv_dw` (`exclude=` globs leave views out of what the other clauses pick).
 A selector that matches nothing is an error, never a silent no-op.
 
 `early` / `late` halve each tower by parameters: a block is early when its middle lies in the first half of the
@@ -22,7 +23,7 @@ from spectral.views import BLOCK_KINDS, GENERIC_KINDS, KIND_GROUPS, OPTIONAL_KIN
 
 SCOPES = ("core", "all")
 PARTS = ("early", "late")
-KEYS = ("tower", "kind", "block", "part", "name", "scope")
+KEYS = ("tower", "kind", "block", "part", "name", "exclude", "scope")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Selector:
     blocks: tuple[int, ...] = ()
     part: str | None = None  # "early" = first half of each tower's block parameters, "late" = second half
     names: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()  # name globs left out of whatever the other filters pick
     scope: str = "core"  # "core": METHODS §1 core set (generic: linear/conv); "all": optional views too
 
     def __post_init__(self) -> None:
@@ -68,7 +70,7 @@ class Selector:
                 return False
         if self.names and not any(fnmatch.fnmatchcase(v.name, g) for g in self.names):
             return False
-        return True
+        return not any(fnmatch.fnmatchcase(v.name, g) for g in self.exclude)
 
 
 PRESETS: dict[str, Selector] = {
@@ -128,6 +130,8 @@ def parse_selector(spec: str | Selector | None) -> Selector:
             sel = replace(sel, part=value)
         elif key == "name":
             sel = replace(sel, names=sel.names + vals)
+        elif key == "exclude":
+            sel = replace(sel, exclude=sel.exclude + vals)
         elif key == "scope":
             sel = replace(sel, scope=value)
         else:

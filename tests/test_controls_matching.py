@@ -243,3 +243,40 @@ def test_depthwise_convs_are_refused_in_one_line():
     dw = [v for v in weight_views(cnx.model) if "conv_dw" in v.param_name][:1]
     with pytest.raises(UserError, match="depthwise"):
         capture_inputs(cnx.model, dw, torch.randn(1, 3, 32, 32), None)
+
+
+def test_resnet_attention_pool_inputs_are_captured_through_the_functional_call():
+    """open_clip's ResNet pool hands q/k/v_proj and c_proj to F.multi_head_attention_forward (no module hook fires):
+    q, k and v read the same tokens, and c_proj's captured rows at the pooled position reproduce the pool's output."""
+    from eval.loading import load_model
+
+    rn = load_model("tiny-rn")
+    pool = rn.model.visual.attnpool
+    views = [v for v in weight_views(rn.model) if v.param_name.startswith("visual.attnpool.")]
+    assert sorted(v.kind for v in views) == ["k", "out", "q", "v"]
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = capture_inputs(rn.model, views, images, None, max_rows=10**6)
+    by_kind = {v.kind: x[v.name] for v in views}
+    assert torch.equal(by_kind["q"], by_kind["k"]) and torch.equal(by_kind["k"], by_kind["v"])
+    outs = []
+    h = pool.register_forward_hook(lambda m, a, o: outs.append(o))
+    rn.model.encode_image(images)
+    h.remove()
+    pooled = by_kind["out"][:3] @ pool.c_proj.weight.T + pool.c_proj.bias  # rows (position, image): position 0 first
+    torch.testing.assert_close(pooled, outs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_depthwise_selection_is_refused_before_anything_is_written_and_exclude_leaves_it_out(tmp_path, capsys):
+    from eval.loading import load_model
+    from interventions.quantize import main as quant_main
+
+    out = tmp_path / "never"
+    assert quant_main(["--spec", "gptq-int4-g128", "--model", "tiny-convnext", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "conv_dw" in err[0] and "exclude=*.conv_dw" in err[0]
+    assert not out.exists()
+    views = weight_views(load_model("tiny-convnext").model)
+    kept = select(views, "core;exclude=*.conv_dw")
+    assert kept and not any(v.name.endswith(".conv_dw") for v in kept)
+    assert {v.name for v in select(views, "core")} - {v.name for v in kept} == {
+        v.name for v in select(views, "core") if v.name.endswith(".conv_dw")}

@@ -221,3 +221,59 @@ def test_mha_reimplementation_matches_torch_on_any_module(batch_first):
     assert not torch.equal(model(x)[0], refs[0][0])
     handle.remove()
     assert torch.equal(model(x)[0], refs[0][0])
+
+
+class _CrossPool(nn.Module):
+    """A CoCa-style attention pool: learned queries attend over tokens of another width (kdim = vdim ≠ embed_dim)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(3, 16))
+        self.attn = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True)
+
+    def forward(self, x):
+        q = self.query.unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.attn(q, x, x, need_weights=False)[0]
+
+
+@torch.no_grad()
+def test_cross_attention_with_separate_weights_quantizes_queries_and_tokens_on_their_own_ranges():
+    torch.manual_seed(0)
+    model = _CrossPool().eval()
+    x = torch.randn(4, 7, 8) * 5.0  # tokens on a larger scale than the queries
+    ref = model(x)
+    handle = attach_activation_quant(model, "a8", "all;name=attn.*")
+    handle.calibrate(run=lambda m: m(x)).disable()
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)  # the re-implemented forward is MHA's
+    sites = {name: s for name, s in handle.sites.items()}
+    by_weight = {n.rpartition(".")[2]: s for n, s in sites.items() if s.kind == "param"}
+    assert by_weight["q_proj_weight"].absmax == pytest.approx(float(model.query.abs().max()))
+    assert by_weight["k_proj_weight"].absmax == pytest.approx(float(x.abs().max()))
+    assert by_weight["v_proj_weight"].absmax == pytest.approx(float(x.abs().max()))
+    handle.enable()
+    assert not torch.equal(model(x), ref)
+    handle.remove()
+    assert torch.equal(model(x), ref)
+
+
+@torch.no_grad()
+def test_resnet_attention_pool_inputs_are_quantized_through_the_functional_call():
+    """open_clip's ResNet pool hands q/k/v_proj and c_proj to F.multi_head_attention_forward: their sites observe
+    the pool's tokens and attention output, interception alone changes nothing, removal restores the exact model."""
+    from eval.loading import load_model
+
+    rn = load_model("tiny-rn")
+    model, pool = rn.model, rn.model.visual.attnpool
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ref = model.encode_image(images)
+    handle = attach_activation_quant(model, "a4", "vision-only;name=visual.attn_pool.*")
+    assert {n.rpartition(".")[2] for n in handle.sites} == {"q_proj", "k_proj", "v_proj", "c_proj"}
+    handle.calibrate(images, None).disable()
+    assert all(s.absmax is not None and s.absmax > 0 for s in handle.sites.values())
+    q, k = handle.sites["visual.attnpool.q_proj"], handle.sites["visual.attnpool.k_proj"]
+    assert q.absmax == k.absmax  # self-attention: the same tokens
+    torch.testing.assert_close(model.encode_image(images), ref, rtol=1e-5, atol=1e-6)
+    handle.enable()
+    assert not torch.allclose(model.encode_image(images), ref, atol=1e-4)
+    handle.remove()
+    assert torch.equal(model.encode_image(images), ref) and "forward" not in pool.__dict__
