@@ -3,7 +3,8 @@ calibration inputs per matrix, against RTN on the same grid in the same run.
 
 Goal (issue 14): GPTQ ≤ 20× RTN on 2 CPU cores. The inputs are captured once (forward hooks through the weight
 view, `interventions.capture`) and not timed; each method's line is the best of `--repeats` passes over all
-matrices. Wall and process CPU time are printed with the load average (read CPU seconds on a busy machine).
+matrices, through the commands' path (`prepare` once, then `quantize_in` per matrix: GPTQ's batched column loop).
+Wall and process CPU time are printed with the load average (read CPU seconds on a busy machine).
 Usage: `python benchmarks/bench_gptq.py [--model ViT-B-32] [--grid int4-g128] [--rows 256] [--threads 2]`.
 """
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,6 +25,20 @@ from spectral.selector import select
 from spectral.views import weight_views
 
 GOAL = 20.0
+
+
+@dataclass(frozen=True)
+class Captured:
+    """The part of a `QuantSource` that GPTQ and AWQ read: the selected views and their captured inputs."""
+
+    selected: list[Any]
+    x: dict[str, torch.Tensor]
+
+    def views(self) -> list[Any]:
+        return self.selected
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        return self.x
 
 
 def timed(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
@@ -57,10 +74,11 @@ def main() -> None:
           f"{max(t.shape[0] for _, t in mats)} input rows each, torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} cores, device {args.device}, load average {os.getloadavg()[0]:.1f}")
     rtn = parse_edit(args.grid)
+    source = Captured(views, x)
     methods = {args.grid: lambda: [rtn.quantize(w) for w, _ in mats]}
     for spec in (f"gptq-{args.grid}", f"awq-{args.grid}"):
-        q = parse_edit(spec)
-        methods[spec] = lambda q=q: [q.quantize_in(w, xi) for w, xi in mats]
+        q = parse_edit(spec)  # the command's path: prepare once per plan, then Ŵ per matrix from its state
+        methods[spec] = lambda q=q: [q.quantize_in(v.get(), st[v.name]) for st in [q.prepare(source)] for v in views]
     base = None
     for spec, fn in methods.items():
         wall, cpu = timed(fn, args.repeats)

@@ -71,6 +71,24 @@ class QuantGrid:
             self._cache[key] = merge_sets(parts, self.shape, self.granularity, self.group).contiguous()
         return self._cache[key]
 
+    def columns(self, key: str) -> Float[Tensor, "in out"] | None:
+        """The per-entry tensor of `key` transposed (row j = column j of the matrix), built from the sets without
+        the per-entry expansion (GPTQ's column loop reads one column at a time)."""
+        if key not in self._sets[0]:
+            return None
+        m, n = self.shape
+        if self.granularity in ("tensor", "channel"):
+            return self._sets[0][key].reshape(1, -1).expand(n, m)
+        full = (n // self.group) * self.group
+        pieces = []
+        if full:
+            per_group = self._sets[0][key].reshape(m, full // self.group).T  # [groups, m]
+            idx = torch.arange(full, device=per_group.device) // self.group
+            pieces.append(per_group.index_select(0, idx))
+        if full < n:
+            pieces.append(self._sets[-1][key].reshape(1, m).expand(n - full, m))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
     def _part_widths(self) -> list[int]:
         m, n = self.shape
         if self.granularity == "tensor":

@@ -146,3 +146,58 @@ def test_a_matched_control_and_rotquant_read_gptq_through_the_source(tiny_config
                                rtol=1e-4, atol=0)
     rot = edits[edits["variant"].str.startswith("rotquant")]
     assert len(rot) == n and (rot["delta"] > 0).all() and not math.isnan(rot["delta"].mean())
+
+
+def _inputs(rows: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g, dtype=torch.float64) * torch.rand(1, n, generator=g, dtype=torch.float64) * 3
+    x[:, 7] = 0  # a dead input
+    return x
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_low_rank_factor_serves_the_dense_u(act_order):
+    """With fewer rows than inputs, U comes from H = D + AᵀA without an n×n matrix: every diagonal block equals the
+    dense U's, and the later columns receive exactly the dense update −U[b, >b]ᵀ·err."""
+    from interventions.gptq import factor_of
+    from interventions.gptq_factors import DenseFactor
+
+    n, out, block = 200, 5, 64
+    x = _inputs(40, n, 0).float()
+    low, perm = factor_of(x, 0.01, act_order, torch.device("cpu"))
+    h = hessian(x.double(), 0.01)  # the same H in float64
+    if perm is not None:
+        h = h[perm][:, perm]
+    dense = DenseFactor(h, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    wt_low = torch.randn(n, out, generator=g)
+    wt_dense = wt_low.clone()
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        u_low, u_dense = low.start(i1, i2, wt_low), dense.start(i1, i2, wt_dense)
+        torch.testing.assert_close(u_low, u_dense, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(wt_low[i1:i2], wt_dense[i1:i2], rtol=1e-4, atol=1e-5)
+        err = torch.randn(i2 - i1, out, generator=g)
+        low.finish(i1, i2, err, wt_low)
+        dense.finish(i1, i2, err, wt_dense)
+
+
+def test_batched_matrices_equal_one_at_a_time_and_prepare_serves_the_unedited_matrix():
+    from interventions.gptq import GPTQState, gptq_from_inputs, gptq_many
+
+    rtn = parse_int("int4-g32")
+    g = torch.Generator().manual_seed(2)
+    ws = [torch.randn(24, 96, generator=g) for _ in range(4)]
+    xs = [_inputs(30 + 20 * i, 96, i).float() for i in range(4)]  # low-rank and dense factors in one batch
+    grids = [rtn.quantize(w)[1] for w in ws]
+    many = gptq_many(ws, xs, grids)
+    assert all(torch.equal(a, gptq_from_inputs(w, x, gr)) for a, w, x, gr in zip(many, ws, xs, grids))
+    quant = parse_edit("gptq-int4-g32")
+    ref = ws[0].clone()
+    state = GPTQState(xs[0], ref, ref._version, many[0], grids[0])
+    assert quant.quantize_in(ws[0], state)[0] is many[0]  # the prepared Ŵ, not recomputed
+    other = ws[0] * 1.5
+    again = gptq_from_inputs(other, xs[0], rtn.quantize(other)[1])
+    torch.testing.assert_close(quant.quantize_in(other, state)[0], again)
+    ref.mul_(2.0)  # the unedited weight changed in place: the prepared Ŵ no longer answers for it
+    assert not state.answers(ref)
