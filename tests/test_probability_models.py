@@ -147,3 +147,20 @@ def test_siglip_style_model_uses_its_own_bias():
     ms = ev_sig.metrics().query("severity != severity and metric == 'top1'").set_index("dataset")["value"]
     mo = ev.metrics().query("variant == 'own' and severity != severity and metric == 'top1'").set_index("dataset")
     assert ms.equals(mo["value"])
+
+
+def test_temperature_control_matches_the_run_s_own_confidence():
+    """e5 under sigmoid: s′ gives mean σ(max_k(s′·cos_k) + b) = the variant's mean σ(max z) (independent formula);
+    under softmax the bias changes nothing."""
+    from interventions.controls.temperature import TemperatureMatch
+
+    g = torch.Generator().manual_seed(0)
+    cos = torch.rand(50, 6, generator=g, dtype=torch.float64) * 0.4 - 0.1
+    variant = 30.0 * cos + 2.0 * torch.randn(50, 6, generator=g, dtype=torch.float64) - 4.0  # not a rescaled FP
+    fit = TemperatureMatch().fit(cos, variant, 20.0, "sigmoid", -4.0)
+    want = expit(variant.numpy().max(axis=1)).mean()
+    got = expit((fit["logit_scale"] * cos.numpy()).max(axis=1) - 4.0).mean()
+    assert fit["match_target"] == pytest.approx(want, rel=1e-12) and got == pytest.approx(want, rel=1e-8)
+    soft0, soft_b = TemperatureMatch().fit(cos, variant, 20.0), TemperatureMatch().fit(cos, variant, 20.0, bias=-4.0)
+    assert soft0["logit_scale"] == pytest.approx(soft_b["logit_scale"], rel=1e-9)
+    assert soft0["logit_scale"] != pytest.approx(fit["logit_scale"], rel=1e-3)

@@ -1,5 +1,6 @@
 """(e5) Temperature-matched full precision (METHODS §3 e5): the FP model with its logit scale s′ chosen so that
-the mean max-softmax on held-out calibration-role images equals the quantized variant's.
+the mean top-label confidence on held-out calibration-role images equals the quantized variant's (max-softmax, or
+σ(max z) under the run's sigmoid probability model, METHODS §5; the logit bias b is kept: z′ = s′·cos + b).
 
 This edits `logit_scale`, so it is a `ModelEdit` (registered as `temperature[:q=QUANT]`): the runner evaluates
 FP and the quantizer first and passes their calibration-set outputs to `apply_model`, which fits s′ and writes
@@ -18,6 +19,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from eval.errors import UserError
+from eval.metrics.classification import SOFTMAX, confidences
 from interventions.controls.base import split_spec
 from interventions.matching import DEFAULT_QUANT, bisect
 from interventions.registry import ModelEdit, register_edit
@@ -25,14 +27,15 @@ from interventions.registry import ModelEdit, register_edit
 LOG_S_RANGE = (math.log(1e-3), math.log(1e5))
 
 
-def mean_max_softmax(logits: Float[Tensor, "n k"]) -> float:
-    """Mean top-label confidence (float64 softmax)."""
-    return float(torch.softmax(logits.to(torch.float64), dim=1).amax(dim=1).mean().item())
+def mean_confidence(logits: Float[Tensor, "n k"], prob: str = SOFTMAX) -> float:
+    """Mean top-label confidence under the probability model (`eval.metrics.classification.confidences`)."""
+    return float(confidences(logits.detach().to(torch.float64).cpu().numpy(), prob).mean())
 
 
-def fit_logit_scale(cosines: Float[Tensor, "n k"], target: float) -> tuple[float, float]:
-    """s′ with mean max-softmax(s′·cos) = target (monotone in s; bisection on log s); returns (s′, achieved)."""
-    f = lambda log_s: mean_max_softmax(math.exp(log_s) * cosines)  # noqa: E731
+def fit_logit_scale(cosines: Float[Tensor, "n k"], target: float, prob: str = SOFTMAX,
+                    bias: float = 0.0) -> tuple[float, float]:
+    """s′ with mean confidence(s′·cos + b) = target (monotone in s; bisection on log s); returns (s′, achieved)."""
+    f = lambda log_s: mean_confidence(math.exp(log_s) * cosines + bias, prob)  # noqa: E731
     log_s, _ = bisect(f, target, *LOG_S_RANGE, rtol=1e-9)
     return math.exp(log_s), f(log_s)
 
@@ -87,9 +90,9 @@ class TemperatureMatch(ModelEdit):
             raise UserError("temperature (e5) needs a calibration-role dataset; add one to --datasets "
                             "(e.g. ...?role=calibration) or use the embedded sets")
         f, q = fp_outs[cal], q_outs[cal]
-        s_fp = float(f.logit_scale)
-        fit = self.fit(torch.as_tensor(f.logits, dtype=torch.float64) / s_fp,
-                       torch.as_tensor(q.logits, dtype=torch.float64), s_fp)
+        s_fp, b = float(f.logit_scale), float(f.logit_bias)
+        fit = self.fit((torch.as_tensor(f.logits, dtype=torch.float64) - b) / s_fp,
+                       torch.as_tensor(q.logits, dtype=torch.float64), s_fp, f.probability, b)
         set_logit_scale(model, fit["logit_scale"])
         frac = 1 / max(sum(p.numel() for p in model.parameters()), 1)
         return [{"variant": variant, "matrix": "logit_scale", "tower": "other", "kind": "temperature", "shape": "1x1",
@@ -100,16 +103,17 @@ class TemperatureMatch(ModelEdit):
     def summary(self, rows: Sequence[Mapping[str, Any]]) -> str:
         r = rows[0]
         return (f"{r['variant']}: logit scale {r['logit_scale_fp']:.4f} -> {r['logit_scale']:.4f}; calibration mean "
-                f"max-softmax fp {r['conf_fp']:.4f}, {self.q_spec} {r['match_target']:.4f}, "
+                f"confidence fp {r['conf_fp']:.4f}, {self.q_spec} {r['match_target']:.4f}, "
                 f"matched {r['match_achieved']:.4f}")
 
-    def fit(self, fp_cos: Float[Tensor, "n k"], variant_logits: Float[Tensor, "n k"], s_fp: float) -> dict[str, float]:
+    def fit(self, fp_cos: Float[Tensor, "n k"], variant_logits: Float[Tensor, "n k"], s_fp: float,
+            prob: str = SOFTMAX, bias: float = 0.0) -> dict[str, float]:
         """s′ for the FP cosines given the variant's calibration logits; the report row for edits.csv."""
-        target = mean_max_softmax(variant_logits)
-        s_new, achieved = fit_logit_scale(fp_cos, target)
+        target = mean_confidence(variant_logits, prob)
+        s_new, achieved = fit_logit_scale(fp_cos, target, prob, bias)
         return {"logit_scale_fp": s_fp, "logit_scale": s_new, "match_target": target, "match_achieved": achieved,
                 "match_rel_err": abs(achieved - target) / max(target, 1e-30),
-                "conf_fp": mean_max_softmax(s_fp * fp_cos)}
+                "conf_fp": mean_confidence(s_fp * fp_cos + bias, prob)}
 
 
 @register_edit("temperature", ("temperature", "temperature:q=nf4"),
