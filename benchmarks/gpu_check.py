@@ -116,7 +116,7 @@ def main() -> int:
     ap.add_argument("--controls", nargs="+", default=["lowrank", "damping:tikhonov", "noise:c1"])
     args = ap.parse_args()
 
-    from eval.evaluator import auto_workers
+    from eval.batches import auto_workers
     from interventions import ablation, lowrank, quantize
 
     workers = auto_workers() if args.workers is None else args.workers

@@ -12,7 +12,6 @@ identifies features.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from eval.atomic import write_frame
+from eval.batches import PILBatches, auto_workers
 from eval.datasets import ImageDataset
 from eval.errors import UserError
 from eval.metrics.calibration import N_BINS
@@ -38,36 +38,6 @@ from eval.samples import SampleOutputs, save_samples, severity_key
 from eval.zeroshot import logit_scale_of, resolve_templates, template_strings, tower_hash, zero_shot_weights
 
 NOISE_SUBSET_SEED = 0
-
-
-MAX_AUTO_WORKERS = 8
-
-
-def auto_workers() -> int:
-    """The default number of DataLoader workers for image files: min(8, CPUs this process may use)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(MAX_AUTO_WORKERS, cpus))
-
-
-class _PILBatches(torch.utils.data.Dataset):
-    """Map-style wrapper for DataLoader workers: position -> pre-Normalize tensor in [0, 1], with the noise of
-    `severity` already added (METHODS §5). The noise of an image is drawn from its own (id, severity) seed, so the
-    bytes are those of the in-process path whatever the worker, batch or order."""
-
-    def __init__(self, ds: ImageDataset, to_unit: Callable[[Any], Tensor], severity: float | None = None) -> None:
-        self.ds, self.to_unit, self.severity = ds, to_unit, severity
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> Tensor:
-        x = self.to_unit(self.ds.image(int(i)))
-        if self.severity is not None:
-            x = add_noise(x[None], self.ds.ids[int(i):int(i) + 1], self.severity)[0]
-        return x
 
 
 def _check_finite(variant: str, key: str, scale: float, *tensors: Tensor | None) -> None:
@@ -249,7 +219,7 @@ class Evaluator:
                 rows = pos if index is None else index[pos]
                 yield pos, finish(pos, self.split.tensor_path(pixels[rows]))
         elif workers > 0:
-            loader = torch.utils.data.DataLoader(_PILBatches(ds, self.split.to_unit, severity),
+            loader = torch.utils.data.DataLoader(PILBatches(ds, self.split.to_unit, severity),
                                                  batch_sampler=[c.tolist() for c in chunks],
                                                  num_workers=workers, pin_memory=self.pin_memory)
             yield from zip(chunks, loader)

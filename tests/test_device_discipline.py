@@ -207,8 +207,9 @@ def test_workers_give_the_in_process_bytes_noise_included(tmp_path, tiny_clip):
 
 def test_default_workers_depend_on_the_dataset_kind(tmp_path, tiny_clip):
     from eval import adapters
+    from eval.batches import auto_workers
     from eval.datasets import ArrayImageDataset
-    from eval.evaluator import Evaluator, auto_workers
+    from eval.evaluator import Evaluator
 
     files = adapters.image_folder(_folder(tmp_path / "f"), name="files", templates=("a photo of a {}.",))
     arr = ArrayImageDataset(name="arr", role="ood", class_names=(), templates=(), labels=-np.ones(3, dtype=int),
