@@ -91,6 +91,20 @@ def check_capturable(model: torch.nn.Module, views: list[Any]) -> None:
         _check_capturable(v, modules.get(v.param_name.rpartition(".")[0]))
 
 
+def capturable_views(model: torch.nn.Module, views: list[Any]) -> list[Any]:
+    """The views `capture_inputs` can serve (the others have no single input matrix: a quantizer's output-error
+    report is NaN for them, and what needs their inputs was refused by `check_capturable`)."""
+    modules = dict(model.named_modules())
+    keep = []
+    for v in views:
+        try:
+            _check_capturable(v, modules.get(v.param_name.rpartition(".")[0]))
+        except UserError:
+            continue
+        keep.append(v)
+    return keep
+
+
 @torch.no_grad()
 def capture_inputs(
     model: torch.nn.Module,

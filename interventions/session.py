@@ -129,13 +129,15 @@ error."""
 
     def calib_inputs(self, suite: str | None) -> dict[str, Tensor]:
         """M2: each selected matrix's inputs X on the suite's calibration images, captured once (forward hooks)."""
+        from interventions.capture import capturable_views
         from interventions.matching import capture_inputs
 
         suite = suite or "embedded"
         if suite not in self._inputs:
             c = self.calibration(suite)
             dev = self.grid.device
-            x = capture_inputs(self.model, self.views(), c.images.to(dev), c.tokens.to(dev))
+            views = capturable_views(self.model, self.views())  # e.g. no depthwise convs: their q_out_err is NaN
+            x = capture_inputs(self.model, views, c.images.to(dev), c.tokens.to(dev)) if views else {}
             self._inputs[suite] = {k: v.to(dev) for k, v in x.items()}
         return self._inputs[suite]
 

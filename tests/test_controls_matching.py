@@ -280,3 +280,18 @@ def test_a_depthwise_selection_is_refused_before_anything_is_written_and_exclude
     assert kept and not any(v.name.endswith(".conv_dw") for v in kept)
     assert {v.name for v in select(views, "core")} - {v.name for v in kept} == {
         v.name for v in select(views, "core") if v.name.endswith(".conv_dw")}
+
+
+def test_a_plain_quantizer_reports_no_output_error_where_no_input_matrix_exists(tmp_path):
+    """RTN on a ConvNeXt: the depthwise convs' q_out_err is NaN (no single X), the other matrices' is measured."""
+    import pandas as pd
+
+    from interventions.quantize import main as quant_main
+
+    out = tmp_path / "rtn"
+    assert quant_main(["--spec", "int4-g128", "--model", "tiny-convnext", "--noise-severities", "none",
+                       "--spectra", "off", "--out", str(out)]) == 0
+    edits = pd.read_csv(out / "edits.csv")
+    dw = edits["matrix"].str.endswith(".conv_dw")
+    assert dw.any() and edits.loc[dw, "q_out_err"].isna().all()
+    assert edits.loc[~dw, "q_out_err"].notna().all() and (edits.loc[~dw, "q_out_err"] > 0).all()
